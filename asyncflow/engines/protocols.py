@@ -1,0 +1,137 @@
+"""The small typed protocols every engine adapter implements.
+
+The controller and the workers only ever talk to these; which implementation runs is chosen by
+config (``rollout.engine: vllm | transformers``), never by importing a concrete engine directly.
+Token ids go in and out: tokenisation belongs to the task, not to the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """Sampling parameters of one generation request."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    ignore_eos: bool = False  # keep sampling past EOS up to max_new_tokens (benchmarks, tests)
+
+
+@dataclass(slots=True)
+class Completion:
+    """One sampled response: its token ids and the behaviour policy's log-prob of each token."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # same length as token_ids; log p(token | prefix) under the engine
+    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens) | "abort"
+    policy_version: int  # the weights version that generated this completion
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates completions from prompt token ids; many requests may be in flight at once."""
+
+    @property
+    def policy_version(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingConfig
+    ) -> Completion: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load new weights in place (between engine steps) and serve ``version`` from now on."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class TrainBatch:
+    """A padded batch for the training engine. Shapes: B rows, T = prompt + response tokens."""
+
+    input_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens
+    loss_mask: torch.Tensor  # (B, T) float32, 1 on response tokens that enter the loss
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T) per-token extras
+
+
+@dataclass(frozen=True, slots=True)
+class LossContext:
+    """What a loss function needs to know about the whole optimizer step, not just its
+    micro-batch: counts over every micro-batch on every data-parallel rank, so that summing the
+    per-micro-batch losses gives the mean over the global batch."""
+
+    global_tokens: float  # sum of loss_mask over all micro-batches and ranks
+    global_sequences: int  # rows with at least one loss token, over all micro-batches and ranks
+    world_size: int = 1
+    step: int = 0  # optimizer steps taken before this one
+
+
+@runtime_checkable
+class LossFn(Protocol):
+    """The ``loss_fn`` that ``TrainingEngine.train_step`` calls once per micro-batch.
+
+    ``outputs`` holds the engine's forward results for the micro-batch, (B, T) aligned to
+    input positions: ``logprobs`` (and ``entropy`` when the callable has a true attribute
+    ``needs_entropy``) for a policy, ``values`` for a critic. Returns this micro-batch's share of
+    the global loss and float metrics averaged over its loss tokens (keys ending in ``_max`` /
+    ``_min`` are reduced by max / min).
+    """
+
+    def __call__(
+        self, outputs: dict[str, torch.Tensor], batch: TrainBatch, ctx: LossContext
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class TrainingEngine(Protocol):
+    """Computes log-probs of given sequences and applies optimizer steps on a loss."""
+
+    def logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log p(x_t | x_<t) aligned to input_ids positions: ``logprobs`` (B, T),
+        position 0 is 0; optionally ``entropy`` (B, T)."""
+        ...
+
+    def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: object) -> dict[str, float]:
+        """Forward/backward over micro-batches with gradient accumulation, then one optimizer
+        step. Returns scalar metrics."""
+        ...
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]: ...
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
+
+
+class RewardFunction(Protocol):
+    """Scores one response. May be sync or async; raising or timing out is a recorded failure."""
+
+    def __call__(self, prompt: str, response: str, answer: str) -> float: ...
+
+
+__all__ = [
+    "Completion",
+    "LossContext",
+    "LossFn",
+    "RewardFunction",
+    "RolloutEngine",
+    "SamplingConfig",
+    "TrainBatch",
+    "TrainingEngine",
+]
+
