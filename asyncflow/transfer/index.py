@@ -1,0 +1,668 @@
+"""The sample index: which sample has which field ready, where it lives, who has consumed it.
+
+This is the paper's TransferQueue *controller*, kept in the controller process's memory. It
+holds metadata only -- never a tensor. Rows are samples with a global integer id; a GRPO group is
+one prompt's ``n`` responses and shares a group id. Columns are named fields
+(``response_ids``, ``rollout_logprobs``, ``reward``...).
+
+Per (row, column) it records: ready or not, the storage unit holding it, shape, dtype and the
+policy version that produced it. Per consuming *task* it records which rows are ready for the
+task (all required columns ready), handed out but not yet acknowledged (``leased``), or consumed.
+
+Costs are O(rows touched) by construction:
+
+- every task keeps its own ready queue, fed incrementally by :meth:`mark_ready`, so handing out
+  a batch never scans resident rows;
+- queue entries are invalidated lazily (an entry is checked when popped), so marking rows lost
+  or re-queued costs only the rows involved;
+- each storage unit keeps the set of rows it holds, so losing a unit touches only its rows.
+
+Consumers wait on a per-task future list, resolved synchronously by producers: a waiting
+consumer never delays a producer or a consumer of another task, and nothing polls.
+
+Exactly-once per task: :meth:`get_batch` *leases* rows to a task; :meth:`ack` consumes them;
+:meth:`requeue` (a consumer died, a batch was abandoned) makes them ready again. A row is
+released -- its storage units told to free it -- once every registered task has acked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Policy = Literal["fifo", "freshest", "balanced"]
+POLICIES: tuple[str, ...] = ("fifo", "freshest", "balanced")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMeta:
+    """Where one column of one row lives, and what it is."""
+
+    unit: str
+    shape: tuple[int, ...]
+    dtype: str
+    version: int
+
+
+@dataclass(slots=True)
+class _Row:
+    group: int
+    meta: dict[str, Any]
+    fields: dict[str, FieldMeta] = field(default_factory=dict)
+    version: int = -1  # newest policy version among its produced fields
+    acked_by: int = 0  # number of tasks that consumed it
+
+
+@dataclass(slots=True)
+class _Group:
+    rows: list[int]
+
+
+@dataclass(slots=True)
+class _Task:
+    name: str
+    requires: tuple[str, ...]
+    produces: tuple[str, ...]
+    groups: bool
+    policy: str
+    ready: deque[int] = field(default_factory=deque)  # fifo / balanced: row or group ids
+    heap: list[tuple[int, int, int]] = field(default_factory=list)  # freshest: (-ver, seq, id)
+    queued: set[int] = field(default_factory=set)  # ids currently in ready/heap
+    leased: set[int] = field(default_factory=set)  # row ids handed out, not acked
+    consumed: set[int] = field(default_factory=set)  # row ids acked
+    group_ready: dict[int, int] = field(default_factory=dict)  # group id -> rows ready
+    waiters: deque[_Waiter] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    n: int
+    future: asyncio.Future[list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMeta:
+    """What a consumer needs to pull a batch: row ids (in batch order) and field locations."""
+
+    task: str
+    rows: list[int]
+    groups: list[int]
+    fields: dict[str, list[FieldMeta]]  # column -> one FieldMeta per row, in row order
+    meta: list[dict[str, Any]]
+
+    def by_unit(self, column: str) -> dict[str, list[int]]:
+        """Row ids of ``column`` grouped by the storage unit that holds them."""
+        out: dict[str, list[int]] = {}
+        for row, fm in zip(self.rows, self.fields[column]):
+            out.setdefault(fm.unit, []).append(row)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "rows": self.rows,
+            "groups": self.groups,
+            "meta": self.meta,
+            "fields": {
+                col: [[f.unit, list(f.shape), f.dtype, f.version] for f in fms]
+                for col, fms in self.fields.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BatchMeta:
+        return cls(
+            task=str(data["task"]),
+            rows=[int(r) for r in data["rows"]],
+            groups=[int(g) for g in data["groups"]],
+            meta=list(data["meta"]),
+            fields={
+                col: [FieldMeta(u, tuple(s), d, int(v)) for u, s, d, v in fms]
+                for col, fms in data["fields"].items()
+            },
+        )
+
+
+class SampleIndex:
+    """In-memory metadata index of sample readiness; see the module docstring."""
+
+    def __init__(self, on_release: Callable[[dict[str, list[int]]], None] | None = None) -> None:
+        self._rows: dict[int, _Row] = {}
+        self._groups: dict[int, _Group] = {}
+        self._tasks: dict[str, _Task] = {}
+        self._by_column: dict[str, list[_Task]] = {}  # column -> tasks that require it
+        self._producer: dict[str, str] = {}  # column -> task that produces it
+        self._unit_rows: dict[str, dict[int, set[str]]] = {}  # unit -> row -> columns
+        self._next_row = 0
+        self._next_group = 0
+        self._seq = itertools.count()
+        self._on_release = on_release
+        self.released_rows = 0
+        self.lost_fields = 0
+
+    # ------------------------------------------------------------------ set-up
+    def register_task(
+        self,
+        name: str,
+        requires: Sequence[str],
+        produces: Sequence[str] = (),
+        *,
+        groups: bool = False,
+        policy: Policy = "fifo",
+    ) -> None:
+        """Declare a consuming task: the columns it needs, the columns it produces (lineage, used
+        to recompute lost data), whether it takes whole groups, and its choosing policy."""
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already registered")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not requires:
+            raise ValueError(f"task {name!r} must require at least one column")
+        if self._rows:
+            raise ValueError("register every task before adding rows")
+        task = _Task(name, tuple(requires), tuple(produces), groups, policy)
+        self._tasks[name] = task
+        for col in task.requires:
+            self._by_column.setdefault(col, []).append(task)
+        for col in task.produces:
+            if col in self._producer:
+                raise ValueError(
+                    f"column {col!r} is produced by both {self._producer[col]!r} and {name!r}"
+                )
+            self._producer[col] = name
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def add_group(self, size: int, meta: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Register ``size`` rows forming one group; returns their row ids."""
+        if size < 1:
+            raise ValueError(f"group size must be >= 1, got {size}")
+        if meta is not None and len(meta) != size:
+            raise ValueError(f"got {len(meta)} metadata dicts for a group of {size}")
+        gid = self._next_group
+        self._next_group += 1
+        rows = list(range(self._next_row, self._next_row + size))
+        self._next_row += size
+        for i, rid in enumerate(rows):
+            self._rows[rid] = _Row(gid, dict(meta[i]) if meta is not None else {})
+        self._groups[gid] = _Group(rows)
+        return rows
+
+    def add_rows(self, metas: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Register rows that are each their own group."""
+        out: list[int] = []
+        for m in metas:
+            out += self.add_group(1, [m])
+        return out
+
+    # ------------------------------------------------------------------ producers
+    def mark_ready(
+        self,
+        rows: Sequence[int],
+        column: str,
+        unit: str,
+        *,
+        shapes: Sequence[Sequence[int]] | Sequence[int] | None = None,
+        dtype: str = "float32",
+        version: int = -1,
+    ) -> None:
+        """Record that ``column`` of ``rows`` is ready at storage unit ``unit``.
+
+        ``shapes`` is one shape per row (ragged data), or one shape for all. Never awaits.
+        """
+        per_row = _per_row_shapes(shapes, len(rows))
+        unit_rows = self._unit_rows.setdefault(unit, {})
+        tasks = self._by_column.get(column, ())
+        for i, rid in enumerate(rows):
+            row = self._rows.get(rid)
+            if row is None:
+                raise KeyError(f"row {rid} is not registered (or already released)")
+            old = row.fields.get(column)
+            if old is not None and old.unit != unit:
+                self._drop_unit_entry(old.unit, rid, column)
+            row.fields[column] = FieldMeta(unit, per_row[i], dtype, version)
+            if version > row.version:
+                row.version = version
+            unit_rows.setdefault(rid, set()).add(column)
+            for task in tasks:
+                self._maybe_ready(task, rid, row)
+        for task in tasks:
+            self._wake(task)
+
+    # ------------------------------------------------------------------ consumers
+    async def get_batch(self, task: str, n: int) -> BatchMeta:
+        """Wait for ``n`` rows (or ``n`` whole groups, for a group task) ready for ``task`` and
+        lease them. Bound the wait with ``asyncio.timeout``; on cancellation or timeout nothing
+        stays leased."""
+        t = self._task(task)
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        ids = self._try_take(t, n)
+        if ids is None:
+            fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+            waiter = _Waiter(n, fut)
+            t.waiters.append(waiter)
+            try:
+                ids = await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._unlease(t, fut.result())  # resolved just as we were cancelled
+                else:
+                    fut.cancel()
+                    if waiter in t.waiters:
+                        t.waiters.remove(waiter)
+                    self._wake(t)  # a smaller waiter behind us may be satisfiable now
+                raise
+        return self._meta(t, ids)
+
+    def try_get_batch(self, task: str, n: int) -> BatchMeta | None:
+        """Non-waiting form of :meth:`get_batch`: a batch if one is ready now, else None."""
+        t = self._task(task)
+        ids = self._try_take(t, n)
+        return None if ids is None else self._meta(t, ids)
+
+    def ack(self, task: str, rows: Iterable[int]) -> None:
+        """Mark leased rows consumed by ``task``; releases rows every task has consumed."""
+        t = self._task(task)
+        release: dict[str, list[int]] = {}
+        n_tasks = len(self._tasks)
+        for rid in rows:
+            if rid not in t.leased:
+                raise ValueError(f"row {rid} is not leased to task {task!r}")
+            t.leased.discard(rid)
+            t.consumed.add(rid)
+            row = self._rows[rid]
+            row.acked_by += 1
+            if row.acked_by == n_tasks:
+                self._release(rid, row, release)
+        if release and self._on_release is not None:
+            self._on_release(release)
+
+    def complete(
+        self,
+        task: str,
+        rows: Sequence[int],
+        produced: Mapping[str, tuple[str, Sequence[Sequence[int]] | Sequence[int], str, int]],
+    ) -> list[int]:
+        """A task finished ``rows``: mark what it produced ready and ack them, atomically.
+
+        ``produced`` maps column -> (unit, shapes, dtype, version). Rows no longer leased to the
+        task (their inputs were lost and invalidated meanwhile) are skipped and returned, so
+        stale results never enter the index.
+        """
+        t = self._task(task)
+        live = [i for i, r in enumerate(rows) if r in t.leased]
+        stale = [r for r in rows if r not in t.leased]
+        live_rows = [rows[i] for i in live]
+        for col, (unit, shapes, dtype, version) in produced.items():
+            per_row = _per_row_shapes(shapes, len(rows))
+            self.mark_ready(
+                live_rows,
+                col,
+                unit,
+                shapes=[per_row[i] for i in live],
+                dtype=dtype,
+                version=version,
+            )
+        self.ack(task, live_rows)
+        return stale
+
+    def requeue(self, task: str, rows: Iterable[int]) -> None:
+        """Give leased rows back to ``task`` (its consumer failed); they become ready again."""
+        t = self._task(task)
+        self._unlease(t, list(rows))
+
+    def ready_count(self, task: str) -> int:
+        """Rows (or groups) ready and not yet leased for ``task``; O(queue) only for stats."""
+        t = self._task(task)
+        return sum(1 for i in t.queued if self._valid(t, i))
+
+    # ------------------------------------------------------------------ failures
+    def mark_unit_lost(self, unit: str) -> dict[str, list[int]]:
+        """A storage unit disappeared: every field it held goes back to not ready.
+
+        Returns ``{column: rows}`` lost. Lineage: for a row still needed by some task, the lost
+        columns and every column derived from them (transitively, through the tasks that
+        consume and produce them) are dropped, and the tasks that produce or consume those
+        columns forget the row, so it flows through them again from its surviving inputs.
+        Stale derived copies on other units are reported through ``on_release`` to be freed.
+        """
+        held = self._unit_rows.pop(unit, {})
+        lost: dict[str, list[int]] = {}
+        orphans: dict[str, list[int]] = {}
+        touched: set[str] = set()
+        for rid, cols in held.items():
+            row = self._rows.get(rid)
+            if row is None:
+                continue
+            gone = {c for c in cols if (fm := row.fields.get(c)) is not None and fm.unit == unit}
+            for c in gone:
+                lost.setdefault(c, []).append(rid)
+                del row.fields[c]
+            self.lost_fields += len(gone)
+            if gone:
+                touched |= self._invalidate(rid, row, gone, orphans)
+        for name in touched:
+            self._wake(self._tasks[name])
+        if orphans and self._on_release is not None:
+            self._on_release(orphans)
+        return lost
+
+    def _invalidate(
+        self, rid: int, row: _Row, gone: set[str], orphans: dict[str, list[int]]
+    ) -> set[str]:
+        derived = self._downstream(frozenset(gone))
+        users = {t.name for c in derived for t in self._by_column.get(c, ())}
+        if all(rid in self._tasks[u].consumed for u in users):
+            return set()  # every consumer already has what it needed: nothing to redo
+        for c in derived - gone:
+            fm = row.fields.pop(c, None)
+            if fm is not None:
+                self._drop_unit_entry(fm.unit, rid, c)
+                orphans.setdefault(fm.unit, []).append(rid)
+        row.version = max((f.version for f in row.fields.values()), default=-1)
+        reset = users | {p for c in derived if (p := self._producer.get(c)) is not None}
+        for name in reset:
+            t = self._tasks[name]
+            if rid in t.consumed:
+                t.consumed.discard(rid)
+                row.acked_by -= 1
+            t.leased.discard(rid)
+            self._maybe_ready(t, rid, row)
+        return reset
+
+    def _downstream(self, cols: frozenset[str]) -> set[str]:
+        """``cols`` plus every column produced by a task that needs one of them, transitively."""
+        out = set(cols)
+        frontier = list(cols)
+        while frontier:
+            col = frontier.pop()
+            for t in self._by_column.get(col, ()):
+                for p in t.produces:
+                    if p not in out:
+                        out.add(p)
+                        frontier.append(p)
+        return out
+
+    # ------------------------------------------------------------------ inspection
+    def row_fields(self, rid: int) -> dict[str, FieldMeta]:
+        return dict(self._rows[rid].fields)
+
+    def row_meta(self, rid: int) -> dict[str, Any]:
+        return self._rows[rid].meta
+
+    def group_rows(self, gid: int) -> list[int]:
+        return list(self._groups[gid].rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def resident_units(self) -> dict[str, int]:
+        return {u: len(r) for u, r in self._unit_rows.items()}
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as JSON-able data. Leases are saved as not consumed (a restored run's
+        consumers are new), so leased rows are handed out again after :meth:`restore`."""
+        return {
+            "next_row": self._next_row,
+            "next_group": self._next_group,
+            "released_rows": self.released_rows,
+            "tasks": [
+                {
+                    "name": t.name,
+                    "requires": list(t.requires),
+                    "produces": list(t.produces),
+                    "groups": t.groups,
+                    "policy": t.policy,
+                    "consumed": sorted(t.consumed),
+                }
+                for t in self._tasks.values()
+            ],
+            "groups": {str(g): grp.rows for g, grp in self._groups.items()},
+            "rows": {
+                str(rid): {
+                    "group": row.group,
+                    "meta": row.meta,
+                    "fields": {
+                        c: [f.unit, list(f.shape), f.dtype, f.version]
+                        for c, f in row.fields.items()
+                    },
+                }
+                for rid, row in self._rows.items()
+            },
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        state: Mapping[str, Any],
+        on_release: Callable[[dict[str, list[int]]], None] | None = None,
+    ) -> SampleIndex:
+        idx = cls(on_release)
+        for t in state["tasks"]:
+            idx.register_task(
+                t["name"], t["requires"], t["produces"], groups=t["groups"], policy=t["policy"]
+            )
+        idx._next_row = int(state["next_row"])
+        idx._next_group = int(state["next_group"])
+        idx.released_rows = int(state["released_rows"])
+        for g, rows in state["groups"].items():
+            idx._groups[int(g)] = _Group([int(r) for r in rows])
+        for rid_s, r in state["rows"].items():
+            idx._rows[int(rid_s)] = _Row(int(r["group"]), dict(r["meta"]))
+        consumed = {t["name"]: set(t["consumed"]) for t in state["tasks"]}
+        for t in idx._tasks.values():
+            t.consumed = {r for r in consumed[t.name] if r in idx._rows}
+            for rid in t.consumed:
+                idx._rows[rid].acked_by += 1
+        for rid_s, r in state["rows"].items():
+            for col, (unit, shape, dtype, ver) in r["fields"].items():
+                idx.mark_ready([int(rid_s)], col, unit, shapes=[shape], dtype=dtype, version=ver)
+        return idx
+
+    # ------------------------------------------------------------------ internals
+    def _task(self, name: str) -> _Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise KeyError(f"unknown task {name!r}; registered: {sorted(self._tasks)}") from None
+
+    def _row_ready_for(self, t: _Task, rid: int, row: _Row) -> bool:
+        if rid in t.consumed or rid in t.leased:
+            return False
+        fields = row.fields
+        return all(c in fields for c in t.requires)
+
+    def _maybe_ready(self, t: _Task, rid: int, row: _Row) -> None:
+        if not self._row_ready_for(t, rid, row):
+            return
+        if not t.groups:
+            self._enqueue(t, rid, row.version)
+            return
+        gid = row.group
+        grp = self._groups[gid]
+        # Count afresh over the group (groups are small): robust to losses and requeues.
+        if all(self._row_ready_for(t, r, self._rows[r]) for r in grp.rows):
+            ver = max(self._rows[r].version for r in grp.rows)
+            self._enqueue(t, gid, ver)
+
+    def _enqueue(self, t: _Task, item: int, version: int) -> None:
+        if item in t.queued:
+            return
+        t.queued.add(item)
+        if t.policy == "freshest":
+            heapq.heappush(t.heap, (-version, next(self._seq), item))
+        else:
+            t.ready.append(item)
+
+    def _valid(self, t: _Task, item: int) -> bool:
+        if t.groups:
+            grp = self._groups.get(item)
+            return grp is not None and all(
+                r in self._rows and self._row_ready_for(t, r, self._rows[r]) for r in grp.rows
+            )
+        row = self._rows.get(item)
+        return row is not None and self._row_ready_for(t, item, row)
+
+    def _pop(self, t: _Task) -> int | None:
+        while True:
+            if t.policy == "freshest":
+                if not t.heap:
+                    return None
+                item = heapq.heappop(t.heap)[2]
+            else:
+                if not t.ready:
+                    return None
+                item = t.ready.popleft()
+            t.queued.discard(item)
+            if self._valid(t, item):
+                return item
+
+    def _try_take(self, t: _Task, n: int) -> list[int] | None:
+        if t.waiters:  # first come, first served: don't overtake a waiting consumer
+            return None
+        if len(t.queued) < n:
+            return None
+        items: list[int] = []
+        while len(items) < n:
+            item = self._pop(t)
+            if item is None:
+                for it in reversed(items):  # not enough valid ones: put back, in order
+                    self._push_front(t, it)
+                return None
+            items.append(item)
+        return self._lease(t, items)
+
+    def _push_front(self, t: _Task, item: int) -> None:
+        t.queued.add(item)
+        if t.policy == "freshest":
+            ver = self._item_version(t, item)
+            heapq.heappush(t.heap, (-ver, next(self._seq), item))
+        else:
+            t.ready.appendleft(item)
+
+    def _item_version(self, t: _Task, item: int) -> int:
+        if t.groups:
+            return max(self._rows[r].version for r in self._groups[item].rows)
+        return self._rows[item].version
+
+    def _lease(self, t: _Task, items: list[int]) -> list[int]:
+        rows = [r for g in items for r in self._groups[g].rows] if t.groups else items
+        t.leased.update(rows)
+        if t.policy == "balanced":
+            rows = _balance(
+                rows,
+                [self._rows[r].meta.get("length", 0) for r in rows],
+                t.groups,
+                [self._rows[r].group for r in rows],
+            )
+        return rows
+
+    def _unlease(self, t: _Task, rows: list[int]) -> None:
+        for rid in rows:
+            if rid not in t.leased:
+                raise ValueError(f"row {rid} is not leased to task {t.name!r}")
+        for rid in rows:
+            t.leased.discard(rid)
+        seen: set[int] = set()
+        # Requeued rows go to the front (oldest first), keeping their order.
+        for rid in reversed(rows):
+            row = self._rows[rid]
+            item = row.group if t.groups else rid
+            if item in seen or not self._valid(t, item):
+                continue
+            seen.add(item)
+            if item in t.queued:
+                continue
+            self._push_front(t, item)
+        self._wake(t)
+
+    def _wake(self, t: _Task) -> None:
+        while t.waiters:
+            w = t.waiters[0]
+            if w.future.done():  # cancelled
+                t.waiters.popleft()
+                continue
+            if len(t.queued) < w.n:
+                return
+            t.waiters.popleft()
+            items: list[int] = []
+            while len(items) < w.n:
+                item = self._pop(t)
+                if item is None:
+                    break
+                items.append(item)
+            if len(items) < w.n:
+                for it in reversed(items):
+                    self._push_front(t, it)
+                t.waiters.appendleft(w)
+                return
+            w.future.set_result(self._lease(t, items))
+
+    def _meta(self, t: _Task, rows: list[int]) -> BatchMeta:
+        rs = self._rows
+        row_objs = [rs[r] for r in rows]
+        fields = {c: [ro.fields[c] for ro in row_objs] for c in t.requires}
+        return BatchMeta(
+            t.name, rows, [ro.group for ro in row_objs], fields, [ro.meta for ro in row_objs]
+        )
+
+    def _release(self, rid: int, row: _Row, out: dict[str, list[int]]) -> None:
+        for col, fm in row.fields.items():
+            self._drop_unit_entry(fm.unit, rid, col)
+        for unit in {fm.unit for fm in row.fields.values()}:
+            out.setdefault(unit, []).append(rid)
+        del self._rows[rid]
+        for t in self._tasks.values():
+            t.consumed.discard(rid)
+        grp = self._groups.get(row.group)
+        if grp is not None and all(r not in self._rows for r in grp.rows):
+            del self._groups[row.group]
+        self.released_rows += 1
+
+    def _drop_unit_entry(self, unit: str, rid: int, col: str) -> None:
+        rows = self._unit_rows.get(unit)
+        if rows is None:
+            return
+        cols = rows.get(rid)
+        if cols is None:
+            return
+        cols.discard(col)
+        if not cols:
+            del rows[rid]
+
+
+def _per_row_shapes(
+    shapes: Sequence[Sequence[int]] | Sequence[int] | None, n: int
+) -> list[tuple[int, ...]]:
+    if shapes is None:
+        return [()] * n
+    if len(shapes) == 0 or isinstance(shapes[0], int):
+        one = tuple(int(s) for s in shapes)  # type: ignore[arg-type]
+        return [one] * n
+    if len(shapes) != n:
+        raise ValueError(f"got {len(shapes)} shapes for {n} rows")
+    return [tuple(s) for s in shapes]  # type: ignore[arg-type]
+
+
+def _balance(rows: list[int], lengths: list[int], groups: bool, gids: list[int]) -> list[int]:
+    """Order rows longest first so that splitting them into contiguous micro-batches later, or
+    dealing them round-robin to data-parallel ranks, spreads tokens evenly. Groups stay
+    together."""
+    if groups:
+        by_group: dict[int, list[int]] = {}
+        tot: dict[int, int] = {}
+        for r, ln, g in zip(rows, lengths, gids):
+            by_group.setdefault(g, []).append(r)
+            tot[g] = tot.get(g, 0) + ln
+        order = sorted(by_group, key=lambda g: -tot[g])
+        return [r for g in order for r in by_group[g]]
+    return [r for _, r in sorted(zip(lengths, rows), key=lambda p: -p[0])]

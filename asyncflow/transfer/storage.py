@@ -1,0 +1,139 @@
+"""A storage unit: the tensors of the columns one worker produced, for its rows.
+
+It lives inside a worker process. The producer puts tensors in locally (no copy: rows are views
+of the batch tensor the engine produced); other workers pull ``rows x columns`` over HTTP
+(see :mod:`asyncflow.transfer.service`); the controller tells it when rows may be freed.
+
+Getting rows that were put together, in order, costs no copy: their views are adjacent in one
+buffer, so the unit hands out that buffer's slice. Otherwise rows are gathered into one buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class MissingRows(KeyError):
+    """Rows (or columns) asked for that this unit does not hold."""
+
+    def __init__(self, column: str, rows: list[int]) -> None:
+        super().__init__(f"column {column!r}: {len(rows)} rows not held here, e.g. {rows[:8]}")
+        self.column = column
+        self.rows = rows
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnData:
+    """Rows of one column: ``values`` is (n, *shape) when every row has the same shape; for
+    ragged rows it is the rows concatenated along dim 0 and ``lengths`` holds each row's length.
+    """
+
+    values: torch.Tensor
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths) if self.lengths is not None else int(self.values.shape[0])
+
+    def row(self, i: int) -> torch.Tensor:
+        if self.lengths is None:
+            return self.values[i]
+        start = int(self.lengths[:i].sum())
+        return self.values[start : start + int(self.lengths[i])]
+
+    def split(self) -> list[torch.Tensor]:
+        if self.lengths is None:
+            return list(self.values.unbind(0))
+        return list(torch.split(self.values, self.lengths.tolist(), dim=0))
+
+
+class StorageUnit:
+    """Holds ``column -> row -> tensor`` for one worker."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cols: dict[str, dict[int, torch.Tensor]] = {}
+        self.bytes_held = 0
+
+    def put(
+        self,
+        column: str,
+        rows: Sequence[int],
+        data: ColumnData | torch.Tensor | Sequence[torch.Tensor],
+    ) -> list[tuple[int, ...]]:
+        """Store ``column`` for ``rows``; returns each row's shape (for the index)."""
+        if isinstance(data, torch.Tensor):
+            data = ColumnData(data)
+        per_row = data.split() if isinstance(data, ColumnData) else list(data)
+        if len(per_row) != len(rows):
+            raise ValueError(f"{column!r}: {len(per_row)} tensors for {len(rows)} rows")
+        col = self._cols.setdefault(column, {})
+        for rid, t in zip(rows, per_row):
+            old = col.get(rid)
+            if old is not None:
+                self.bytes_held -= old.nbytes
+            col[rid] = t.detach()
+            self.bytes_held += t.nbytes
+        return [tuple(t.shape) for t in per_row]
+
+    def get(self, column: str, rows: Sequence[int]) -> ColumnData:
+        col = self._cols.get(column, {})
+        try:
+            ts = [col[r] for r in rows]
+        except KeyError:
+            raise MissingRows(column, [r for r in rows if r not in col]) from None
+        if not ts:
+            return ColumnData(torch.empty(0))
+        shape0 = ts[0].shape
+        if all(t.shape == shape0 for t in ts):
+            block = _adjacent(ts)
+            if block is not None:
+                return ColumnData(block.view(len(ts), *shape0))
+            return ColumnData(torch.stack(ts))
+        if any(t.dim() == 0 or t.shape[1:] != shape0[1:] for t in ts):
+            raise ValueError(f"{column!r}: rows differ in more than their first dimension")
+        lengths = torch.tensor([t.shape[0] for t in ts], dtype=torch.int64)
+        block = _adjacent(ts)
+        values = block.view(-1, *shape0[1:]) if block is not None else torch.cat(ts)
+        return ColumnData(values, lengths)
+
+    def free(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> int:
+        """Drop rows (of ``columns``, default all); returns how many (row, column) were freed."""
+        n = 0
+        for name in columns if columns is not None else list(self._cols):
+            col = self._cols.get(name)
+            if col is None:
+                continue
+            for r in rows:
+                t = col.pop(r, None)
+                if t is not None:
+                    self.bytes_held -= t.nbytes
+                    n += 1
+        return n
+
+    def columns(self) -> dict[str, int]:
+        return {c: len(rows) for c, rows in self._cols.items()}
+
+    def has(self, column: str, rows: Sequence[int]) -> bool:
+        col = self._cols.get(column, {})
+        return all(r in col for r in rows)
+
+    def stats(self) -> Mapping[str, object]:
+        return {"name": self.name, "bytes": self.bytes_held, "columns": self.columns()}
+
+
+def _adjacent(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """If the tensors lie back to back in one storage, a flat view over all of them."""
+    first = ts[0]
+    if not all(t.is_contiguous() for t in ts):
+        return None
+    storage = first.untyped_storage()
+    ptr = first.data_ptr()
+    for t in ts:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.data_ptr() != ptr:
+            return None
+        ptr += t.nbytes
+    total = sum(t.numel() for t in ts)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (total,), (1,))

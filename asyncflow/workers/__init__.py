@@ -1,0 +1,1 @@
+"""asyncflow.workers."""
