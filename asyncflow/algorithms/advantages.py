@@ -29,11 +29,11 @@ def grpo_advantages(
         return torch.zeros_like(rewards)
     std = rewards.std(dim=1, keepdim=True, unbiased=True)  # (G, 1)
     # A zero-variance group: make the result exactly 0 instead of rounding noise over eps.
-    flat = std <= 0
+    flat = std <= 0  # (G, 1)
     centred = torch.where(flat, torch.zeros_like(centred), centred)
     if not normalize_std:
         return centred
-    return centred / (std + eps)  # (G, n)
+    return centred / torch.where(flat, torch.ones_like(std), std + eps)  # (G, n)
 
 
 def broadcast_to_tokens(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
