@@ -1,0 +1,308 @@
+"""User reward functions: loading them by ``"module:function"`` and scoring with them safely.
+
+This module owns the boundary between AsyncFlow and code it does not trust to behave: a user's
+reward function may raise, return garbage, hang on I/O or spin in a pure-Python busy loop. The
+``RewardScorer`` turns each of those into a recorded failure (``RewardResult.failed``) for that
+one sample, within ``timeout_s``, and never crashes or blocks the caller's event loop.
+
+How: with ``isolate=True`` (the default) each call runs in one of ``num_workers`` spawned child
+processes; a call that overruns its timeout, or a child that dies, gets its process killed and
+replaced. The built-in verifier (``asyncflow.rewards.math.verify``) is cheap and trusted: pass it
+with ``isolate=False`` to run in-process (sync functions then run in a thread, so a hang in one
+is reported as a timeout but its thread cannot be stopped: only isolate code you trust).
+
+The ``FailurePolicy`` says what the caller should do with a failed sample: ``zero`` (train on it
+with score 0) or ``regenerate`` (drop it and sample again). The scorer only records it; the
+failed result's score is always 0.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from multiprocessing.connection import Connection
+from typing import Any
+
+RewardCallable = Callable[[str, str, str], Any]  # (prompt, response, answer) -> float | awaitable
+
+
+class FailurePolicy(StrEnum):
+    """What the caller does with a sample whose reward failed."""
+
+    ZERO = "zero"  # keep the sample, score 0
+    REGENERATE = "regenerate"  # drop the sample and generate another
+
+
+@dataclass(frozen=True, slots=True)
+class RewardResult:
+    """The outcome of scoring one sample."""
+
+    score: float
+    failed: bool = False
+    error: str | None = None  # "TimeoutError: ...", "ValueError: ...": why it failed
+    duration_s: float = 0.0
+    policy: FailurePolicy | None = None  # set on failed results: what the caller should do
+
+
+def load_reward_function(spec: str) -> RewardCallable:
+    """The callable named by ``"package.module:function"`` (``function`` may be dotted)."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"reward function {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"reward function {spec!r}: module {module_name!r} not found ({exc})"
+        ) from None
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"reward function {spec!r}: {module_name!r} has no attribute {part!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(
+            f"reward function {spec!r} is not callable (it is a {type(target).__name__})"
+        )
+    return target  # type: ignore[no-any-return]
+
+
+def spec_of(fn: Callable[..., Any]) -> str:
+    """The ``"module:qualname"`` spec of a module-level function, for a child process."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(
+            f"{fn!r} cannot be imported by a child process: pass a module-level function, a "
+            "'module:function' string, or isolate=False"
+        )
+    return f"{module}:{qualname}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _call(fn: RewardCallable, prompt: str, response: str, answer: str) -> Any:
+    """Call ``fn``; an async function (or awaitable result) is run to completion here."""
+    out = fn(prompt, response, answer)
+    if inspect.isawaitable(out):
+
+        async def _await() -> Any:
+            return await out
+
+        out = asyncio.run(_await())
+    return out
+
+
+def _worker_main(spec: str, conn: Connection) -> None:
+    """Child process: load the function, then answer ``(prompt, response, answer)`` requests."""
+    try:
+        fn = load_reward_function(spec)
+    except BaseException as exc:
+        conn.send(("error", _describe(exc)))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        try:
+            conn.send(("ok", _call(fn, *request)))
+        except BaseException as exc:
+            conn.send(("error", _describe(exc)))
+
+
+class _Worker:
+    """One child process and its pipe."""
+
+    def __init__(self, spec: str, start_timeout_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(spec, child), daemon=True)
+        self.process.start()
+        child.close()
+        if not self.conn.poll(start_timeout_s):
+            self.kill()
+            raise RuntimeError(f"reward worker for {spec!r} did not start in {start_timeout_s}s")
+        status, detail = self.conn.recv()
+        if status != "ready":
+            self.kill()
+            raise RuntimeError(f"reward worker for {spec!r} failed to load it: {detail}")
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+    def call(self, request: tuple[str, str, str], timeout_s: float) -> tuple[str, Any]:
+        """Blocking: send one request and wait up to ``timeout_s`` for the reply."""
+        self.conn.send(request)
+        if not self.conn.poll(timeout_s):
+            return "timeout", f"TimeoutError: no result within {timeout_s:g}s"
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            return "died", f"reward worker died (exit code {self.process.exitcode})"
+        return status, value
+
+
+def _as_score(value: Any) -> float:
+    """The value as a finite float; raises ``TypeError``/``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"reward function returned {type(value).__name__} {value!r}, not a number")
+    score = float(value)
+    if not math.isfinite(score):
+        raise ValueError(f"reward function returned {score}, not a finite number")
+    return score
+
+
+class RewardScorer:
+    """Scores samples with one reward function, bounding each call by ``timeout_s``.
+
+    ``fn`` is a ``"module:function"`` string or a callable. Use as ``async with`` or call
+    ``aclose()``; child processes start on first use (or in ``start()``).
+    """
+
+    def __init__(
+        self,
+        fn: str | RewardCallable,
+        *,
+        timeout_s: float = 5.0,
+        num_workers: int = 1,
+        isolate: bool = True,
+        failure_policy: FailurePolicy | str = FailurePolicy.ZERO,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        if timeout_s <= 0 or num_workers < 1:
+            raise ValueError(
+                f"need timeout_s > 0 and num_workers >= 1, got {timeout_s}, {num_workers}"
+            )
+        self.fn = load_reward_function(fn) if isinstance(fn, str) else fn
+        self.spec = fn if isinstance(fn, str) else (spec_of(fn) if isolate else repr(fn))
+        self.timeout_s = timeout_s
+        self.isolate = isolate
+        self.failure_policy = FailurePolicy(failure_policy)
+        self.start_timeout_s = start_timeout_s
+        self._num_workers = num_workers
+        self._started = 0
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._all: set[_Worker] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> RewardScorer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the child processes now rather than on the first call."""
+        while self.isolate and self._started < self._num_workers:
+            self._started += 1
+            await self._idle.put(await self._spawn())
+
+    async def _spawn(self) -> _Worker:
+        worker = await asyncio.to_thread(_Worker, self.spec, self.start_timeout_s)
+        self._all.add(worker)
+        return worker
+
+    async def _retire(self, worker: _Worker) -> None:
+        self._all.discard(worker)
+        await asyncio.to_thread(worker.kill)
+
+    def _failure(self, error: str, t0: float) -> RewardResult:
+        duration = time.perf_counter() - t0
+        return RewardResult(0.0, True, error, duration, self.failure_policy)
+
+    async def score(self, prompt: str, response: str, answer: str) -> RewardResult:
+        """Score one sample. Never raises for a misbehaving reward function."""
+        if self._closed:
+            raise RuntimeError("RewardScorer is closed")
+        t0 = time.perf_counter()
+        if not self.isolate:
+            return await self._score_in_process(prompt, response, answer, t0)
+        if self._started < self._num_workers and self._idle.empty():
+            self._started += 1
+            try:
+                await self._idle.put(await self._spawn())
+            except RuntimeError as exc:
+                self._started -= 1
+                return self._failure(str(exc), t0)
+        worker = await self._idle.get()
+        return await self._score_in_worker(worker, (prompt, response, answer), t0)
+
+    async def _score_in_worker(
+        self, worker: _Worker, request: tuple[str, str, str], t0: float
+    ) -> RewardResult:
+        healthy = False
+        try:
+            status, value = await asyncio.to_thread(worker.call, request, self.timeout_s)
+            healthy = status in ("ok", "error")
+            if status != "ok":
+                return self._failure(str(value), t0)
+            try:
+                score = _as_score(value)
+            except (TypeError, ValueError) as exc:
+                return self._failure(_describe(exc), t0)
+            return RewardResult(score, duration_s=time.perf_counter() - t0)
+        finally:
+            if healthy:
+                self._idle.put_nowait(worker)
+            else:  # timed out, died or we were cancelled mid-call: replace the process
+                await self._replace(worker)
+
+    async def _replace(self, worker: _Worker) -> None:
+        await self._retire(worker)
+        if self._closed:
+            return
+        try:
+            self._idle.put_nowait(await self._spawn())
+        except RuntimeError:
+            self._started -= 1  # the next call retries the start
+
+    async def _score_in_process(
+        self, prompt: str, response: str, answer: str, t0: float
+    ) -> RewardResult:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if inspect.iscoroutinefunction(self.fn):
+                    value = await self.fn(prompt, response, answer)
+                else:
+                    value = await asyncio.to_thread(self.fn, prompt, response, answer)
+                    if inspect.isawaitable(value):
+                        value = await value
+            score = _as_score(value)
+        except TimeoutError:
+            return self._failure(f"TimeoutError: no result within {self.timeout_s:g}s", t0)
+        except Exception as exc:
+            return self._failure(_describe(exc), t0)
+        return RewardResult(score, duration_s=time.perf_counter() - t0)
+
+    async def aclose(self) -> None:
+        """Stop every child process."""
+        self._closed = True
+        workers, self._all = list(self._all), set()
+        for worker in workers:
+            await asyncio.to_thread(worker.kill)
+
+
+__all__ = [
+    "FailurePolicy",
+    "RewardCallable",
+    "RewardResult",
+    "RewardScorer",
+    "load_reward_function",
+    "spec_of",
+]
