@@ -1,0 +1,177 @@
+"""Worker processes: spawning them locally, attaching to running ones, talking to them.
+
+A spawned worker is ``python -m asyncflow.workers --role ROLE`` in its own process. It dies with
+the controller even on SIGKILL (``PR_SET_PDEATHSIG`` on Linux), so no run leaves orphans. An
+attached worker (given by URL: docker compose, other hosts) is only talked to, never killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start, died, or answered a request with an error."""
+
+    def __init__(self, worker: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"worker {worker}: {message}")
+        self.worker = worker
+        self.status = status
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class WorkerHandle:
+    """One worker: its URL, its storage unit's name, and (if we spawned it) its process."""
+
+    name: str
+    role: str
+    url: str
+    unit: str
+    token: str
+    proc: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.returncode is None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def call(self, path: str, body: Mapping[str, Any] | None = None,
+                   *, timeout: float = 600.0) -> dict[str, Any]:
+        """POST JSON to the worker; raise :class:`WorkerError` on anything but a 200."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session().post(self.url + path, json=body or {}) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        raise WorkerError(self.name, f"{path}: HTTP {resp.status}: "
+                                          f"{data[:800].decode(errors='replace')}", resp.status)
+                    out: dict[str, Any] = json.loads(data)
+                    return out
+        except TimeoutError:
+            raise WorkerError(self.name, f"{path}: no answer within {timeout:.0f} s") from None
+        except aiohttp.ClientError as e:
+            raise WorkerError(self.name, f"{path}: {type(e).__name__}: {e}") from None
+
+    async def get(self, path: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session().get(self.url + path) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        raise WorkerError(self.name, f"{path}: HTTP {resp.status}", resp.status)
+                    out: dict[str, Any] = json.loads(data)
+                    return out
+        except TimeoutError:
+            raise WorkerError(self.name, f"{path}: no answer within {timeout:.0f} s") from None
+        except aiohttp.ClientError as e:
+            raise WorkerError(self.name, f"{path}: {type(e).__name__}: {e}") from None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Ask the worker to shut down; kill it if it doesn't (spawned workers only)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(WorkerError):
+                await self.call("/v1/shutdown", timeout=2.0)
+            try:
+                async with asyncio.timeout(grace):
+                    await self.proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self._session is not None:
+            await self._session.close()
+
+
+async def spawn_worker(
+    role: str,
+    name: str,
+    token: str,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+    start_timeout: float = 600.0,
+) -> WorkerHandle:
+    """Start a worker process and wait for its ready line."""
+    cmd = [sys.executable, "-m", "asyncflow.workers", "--role", role, "--name", name,
+           "--host", host, "--port", "0", "--settings", json.dumps(dict(settings or {}))]
+    full_env = {**os.environ, **(env or {}), "ASYNCFLOW_TOKEN": token}
+    log_path = None
+    stderr: Any = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per worker start
+        log_path = log_dir / f"{name}.log"
+        stderr = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - the child owns it
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=full_env,
+        preexec_fn=_die_with_parent,
+    )
+    if stderr is not None:
+        stderr.close()
+    try:
+        async with asyncio.timeout(start_timeout):
+            ready = await _ready_line(proc, name)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    return WorkerHandle(name, role, ready["url"], ready["unit"], token, proc, log_path, ready)
+
+
+async def _ready_line(proc: asyncio.subprocess.Process, name: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            code = await proc.wait()
+            raise WorkerError(name, f"exited with code {code} before it was ready "
+                              "(see its log)")
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a library printed to stdout; the ready line is JSON
+        if isinstance(msg, dict) and msg.get("event") == "ready":
+            return msg
+
+
+async def attach_worker(role: str, name: str, url: str, token: str) -> WorkerHandle:
+    """A worker that already runs elsewhere (compose, another host): ask it who it is."""
+    h = WorkerHandle(name, role, url.rstrip("/"), "", token)
+    info = await h.get("/v1/info", timeout=60.0)
+    if info.get("role") != role:
+        raise WorkerError(name, f"{url} runs role {info.get('role')!r}, expected {role!r}")
+    h.unit = str(info["unit"])
+    h.info = info
+    return h

@@ -1,0 +1,209 @@
+"""The HTTP server every worker process runs: auth, a storage unit, and its role's endpoints.
+
+A worker is one OS process, one event loop. It serves:
+
+- ``GET /healthz`` (no token: liveness only) and ``GET /v1/info`` (role, pid, version);
+- the storage unit's ``/v1/storage/*`` routes, so other workers pull what this one produced;
+- ``POST /v1/work/{op}``: the role's operations. The body is JSON: ``{"batch": BatchMeta,
+  "units": {unit: url}, "params": {...}}``. The worker pulls the batch's inputs straight from
+  the units named, computes, keeps its outputs in its own unit, and answers with their metadata
+  (``{"produced": {column: {"shapes", "dtype", "version"}}, "metrics": {...}}``);
+- ``POST /v1/shutdown``.
+
+When ready it prints one JSON line ``{"event": "ready", "url": ..., "unit": ...}`` on stdout;
+that is how a spawning controller learns the port it bound (``--port 0`` picks a free one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from asyncflow.transfer.client import TransferClient
+from asyncflow.transfer.index import BatchMeta
+from asyncflow.transfer.service import (
+    BadRequest,
+    auth_middleware,
+    read_json,
+    storage_routes,
+)
+from asyncflow.transfer.storage import StorageUnit
+
+Op = Callable[["WorkRequest"], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class WorkRequest:
+    """One unit of work handed to a role: the batch to pull and the op's parameters."""
+
+    batch: BatchMeta | None
+    params: dict[str, Any]
+    client: TransferClient
+    unit: StorageUnit
+
+
+@dataclass(slots=True)
+class Produced:
+    """Metadata of a column a role just stored in its unit, as the controller's index wants it."""
+
+    shapes: list[list[int]]
+    dtype: str
+    version: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shapes": self.shapes, "dtype": self.dtype, "version": self.version}
+
+
+class Role(Protocol):
+    """What a worker role provides to the server."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    def ops(self) -> Mapping[str, Op]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class WorkerServer:
+    role: Role
+    unit: StorageUnit
+    token: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_body: int = 1 << 30
+    counters: dict[str, int] = field(default_factory=dict)
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _client: TransferClient | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[auth_middleware(self.token, self.counters)],
+            client_max_size=self.max_body,
+        )
+        app["max_body"] = self.max_body
+        app.add_routes(storage_routes(self.unit))
+        app.add_routes(
+            [
+                web.get("/healthz", self._healthz),
+                web.get("/v1/info", self._info),
+                web.post("/v1/work/{op}", self._work),
+                web.post("/v1/shutdown", self._shutdown),
+            ]
+        )
+        return app
+
+    async def serve(self) -> None:
+        """Start the role, bind, announce readiness, serve until shut down."""
+        await self.role.start()
+        self._client = TransferClient({}, self.token)
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://{self.host}:{port}"
+        print(
+            json.dumps(
+                {
+                    "event": "ready",
+                    "url": url,
+                    "unit": self.unit.name,
+                    "role": self.role.name,
+                    "pid": os.getpid(),
+                }
+            ),
+            flush=True,
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            await self._client.aclose()
+            await self.role.close()
+            await runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        up = time.monotonic() - self.started
+        return web.json_response(
+            {
+                "role": self.role.name,
+                "unit": self.unit.name,
+                "pid": os.getpid(),
+                "busy_s": self.busy_s,
+                "uptime_s": up,
+                "counters": self.counters,
+                **self.role.info(),
+            }
+        )
+
+    async def _work(self, request: web.Request) -> web.Response:
+        op_name = request.match_info["op"]
+        ops = self.role.ops()
+        if op_name not in ops:
+            raise BadRequest(
+                f"role {self.role.name!r} has no op {op_name!r}; it has {sorted(ops)}", 404
+            )
+        body = await read_json(request)
+        batch = _parse_batch(body.get("batch"))
+        units = body.get("units", {})
+        if not isinstance(units, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith("http")
+            for k, v in units.items()
+        ):
+            raise BadRequest('"units" must map unit names to http URLs')
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise BadRequest('"params" must be an object')
+        assert self._client is not None
+        self._client.units.update(units)
+        t0 = time.monotonic()
+        try:
+            out = await ops[op_name](WorkRequest(batch, params, self._client, self.unit))
+        finally:
+            self.busy_s += time.monotonic() - t0
+        return web.json_response(out)
+
+    async def _shutdown(self, request: web.Request) -> web.Response:
+        self._stop.set()
+        return web.json_response({"ok": True})
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _parse_batch(raw: Any) -> BatchMeta | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadRequest('"batch" must be an object')
+    try:
+        batch = BatchMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadRequest(f"malformed batch metadata: {e!r}") from None
+    if any(len(f) != len(batch.rows) for f in batch.fields.values()):
+        raise BadRequest("batch metadata: every column needs one entry per row")
+    if any(r < 0 for r in batch.rows):
+        raise BadRequest("batch metadata: row ids must be non-negative")
+    return batch
+
+
+def log(msg: str) -> None:
+    """Worker diagnostics go to stderr; stdout carries only the ready line."""
+    print(msg, file=sys.stderr, flush=True)

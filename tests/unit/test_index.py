@@ -1,0 +1,249 @@
+"""Unit tests of the sample index: exactly-once per task, groups, loss, release, snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asyncflow.transfer.index import SampleIndex
+
+
+def grpo_index(on_release=None) -> SampleIndex:
+    idx = SampleIndex(on_release)
+    idx.register_task("rollout", ["prompt"], ["response"], groups=True)
+    idx.register_task("reward", ["response"], ["reward"])
+    idx.register_task("train", ["response", "reward"], groups=True)
+    return idx
+
+
+def admit(idx: SampleIndex, n_groups: int, size: int) -> list[list[int]]:
+    groups = []
+    for _ in range(n_groups):
+        rows = idx.add_group(size, [{"length": 4}] * size)
+        idx.mark_ready(rows, "prompt", "dataset")
+        groups.append(rows)
+    return groups
+
+
+async def test_each_task_consumes_each_row_once() -> None:
+    idx = grpo_index()
+    admit(idx, 3, 2)
+    seen = []
+    for _ in range(3):
+        b = await idx.get_batch("rollout", 1)
+        seen += b.rows
+        idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    assert sorted(seen) == list(range(6))
+    assert idx.try_get_batch("rollout", 1) is None
+    got = []
+    while (b := idx.try_get_batch("reward", 4)) is not None:
+        got += b.rows
+        idx.ack("reward", b.rows)
+    assert len(got) == 4  # two rows remain ready: fewer than a batch of 4
+    b = await idx.get_batch("reward", 2)
+    assert sorted(got + b.rows) == list(range(6))
+
+
+async def test_group_task_gets_whole_groups_only() -> None:
+    idx = grpo_index()
+    g0, g1 = admit(idx, 2, 3)
+    b = await idx.get_batch("rollout", 2)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    # reward is per row: score all of g1 but only part of g0
+    for rid in g1 + g0[:2]:
+        idx.mark_ready([rid], "reward", "u2", version=0)
+    assert idx.try_get_batch("train", 2) is None
+    b = idx.try_get_batch("train", 1)
+    assert b is not None and b.rows == g1 and b.groups == [1, 1, 1]
+    idx.mark_ready([g0[2]], "reward", "u2")
+    b = idx.try_get_batch("train", 1)
+    assert b is not None and b.rows == g0
+
+
+async def test_waiter_is_woken_by_producer_and_timeout_leaves_nothing_leased() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await idx.get_batch("train", 1)
+    waiter = asyncio.create_task(idx.get_batch("train", 1))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    idx.mark_ready(g, "reward", "u2")
+    batch = await asyncio.wait_for(waiter, 1)
+    assert batch.rows == g
+
+
+async def test_cancelled_waiter_does_not_take_rows() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 2)
+    w = asyncio.create_task(idx.get_batch("rollout", 2))  # needs 2 groups, only 1 exists
+    await asyncio.sleep(0)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    b = idx.try_get_batch("rollout", 1)
+    assert b is not None and b.rows == g
+
+
+async def test_waiters_of_one_task_do_not_block_another() -> None:
+    idx = grpo_index()
+    starved = asyncio.create_task(idx.get_batch("train", 5))
+    await asyncio.sleep(0)
+    admit(idx, 1, 2)
+    b = idx.try_get_batch("rollout", 1)
+    assert b is not None
+    assert not starved.done()
+    starved.cancel()
+
+
+async def test_requeue_gives_rows_back_in_order() -> None:
+    idx = grpo_index()
+    admit(idx, 3, 1)
+    b = await idx.get_batch("rollout", 2)
+    idx.requeue("rollout", b.rows)
+    b2 = await idx.get_batch("rollout", 3)
+    assert b2.rows == [0, 1, 2]
+    with pytest.raises(ValueError, match="not leased"):
+        idx.ack("reward", [0])
+
+
+async def test_release_after_every_task_and_free_callback() -> None:
+    freed: list[dict[str, list[int]]] = []
+    idx = grpo_index(freed.append)
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    b = await idx.get_batch("reward", 2)
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 0)})
+    assert len(idx) == 2 and not freed
+    b = await idx.get_batch("train", 1)
+    idx.ack("train", b.rows)
+    assert len(idx) == 0
+    merged: dict[str, set[int]] = {}
+    for f in freed:
+        for unit, rows in f.items():
+            merged.setdefault(unit, set()).update(rows)
+    assert merged == {"dataset": set(g), "u1": set(g), "u2": set(g)}
+    assert idx.resident_units() == {"dataset": 0, "u1": 0, "u2": 0}
+
+
+async def test_lost_unit_recomputes_from_lineage() -> None:
+    freed: list[dict[str, list[int]]] = []
+    idx = grpo_index(freed.append)
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    b = await idx.get_batch("reward", 2)
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 0)})
+    lost = idx.mark_unit_lost("u1")
+    assert lost == {"response": g}
+    # the reward derived from the lost response is dropped too, and its copy freed on u2
+    assert all("reward" not in idx.row_fields(r) for r in g)
+    assert {r for f in freed for r in f.get("u2", [])} == set(g)
+    assert idx.try_get_batch("train", 1) is None
+    b = idx.try_get_batch("rollout", 1)  # rollout sees the group again
+    assert b is not None and b.rows == g
+    idx.complete("rollout", b.rows, {"response": ("u3", [3], "int64", 1)})
+    b = idx.try_get_batch("reward", 2)
+    assert b is not None
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 1)})
+    b = idx.try_get_batch("train", 1)
+    assert b is not None and b.rows == g
+    assert {f.unit for f in b.fields["response"]} == {"u3"}
+
+
+async def test_stale_completion_after_loss_is_dropped() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    scoring = await idx.get_batch("reward", 2)  # reward worker is busy with these
+    idx.mark_unit_lost("u1")
+    stale = idx.complete("reward", scoring.rows, {"reward": ("u2", [], "float32", 0)})
+    assert stale == g
+    assert all("reward" not in idx.row_fields(r) for r in g)
+
+
+async def test_loss_after_all_consumers_done_needs_no_redo() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 1)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    b = await idx.get_batch("reward", 1)
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 0)})
+    b = await idx.get_batch("train", 1)
+    idx.ack("train", b.rows)  # released: loss of u1 later touches nothing
+    assert idx.mark_unit_lost("u1") == {}
+
+
+async def test_freshest_policy_prefers_newest_version() -> None:
+    idx = SampleIndex()
+    idx.register_task("train", ["x"], policy="freshest")
+    rows = idx.add_rows([{}] * 4)
+    for r, v in zip(rows, [0, 2, 1, 2]):
+        idx.mark_ready([r], "x", "u", version=v)
+    b = await idx.get_batch("train", 3)
+    assert b.rows == [1, 3, 2]
+
+
+async def test_balanced_policy_orders_longest_first() -> None:
+    idx = SampleIndex()
+    idx.register_task("train", ["x"], policy="balanced")
+    rows = idx.add_rows([{"length": n} for n in [3, 9, 1, 5]])
+    idx.mark_ready(rows, "x", "u")
+    b = await idx.get_batch("train", 4)
+    assert [m["length"] for m in b.meta] == [9, 5, 3, 1]
+
+
+async def test_snapshot_restore_round_trip_and_leases_come_back() -> None:
+    idx = grpo_index()
+    admit(idx, 2, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [[3], [4]], "int64", 0)})
+    leased = await idx.get_batch("reward", 1)  # in flight when the controller died
+    snap = idx.snapshot()
+    import json
+
+    idx2 = SampleIndex.restore(json.loads(json.dumps(snap)))
+    assert idx2.snapshot()["rows"] == snap["rows"]
+    b2 = idx2.try_get_batch("reward", 2)
+    assert b2 is not None and sorted(b2.rows) == sorted(b.rows)
+    assert leased.rows[0] in b2.rows
+    r2 = idx2.try_get_batch("rollout", 1)
+    assert r2 is not None and r2.rows == [2, 3]
+    assert idx2.add_group(1) == [4]
+    assert idx2.row_fields(b.rows[1])["response"].shape == (4,)
+
+
+def test_register_errors_are_clear() -> None:
+    idx = SampleIndex()
+    idx.register_task("a", ["x"], ["y"])
+    with pytest.raises(ValueError, match="already registered"):
+        idx.register_task("a", ["x"])
+    with pytest.raises(ValueError, match="produced by both"):
+        idx.register_task("b", ["x"], ["y"])
+    with pytest.raises(ValueError, match="policy"):
+        idx.register_task("c", ["x"], policy="random")  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="unknown task"):
+        idx.try_get_batch("nope", 1)
+    with pytest.raises(KeyError, match="not registered"):
+        idx.mark_ready([99], "x", "u")
+
+
+async def test_million_rows_resident_get_is_constant_time() -> None:
+    idx = SampleIndex()
+    idx.register_task("train", ["x"])
+    n = 1_000_000
+    # bulk registration through groups of 1000 keeps the test quick
+    for _ in range(n // 1000):
+        rows = idx.add_group(1000)
+        idx.mark_ready(rows, "x", "u", shapes=[4], dtype="int64")
+    assert len(idx) == n
+    b = await idx.get_batch("train", 256)
+    assert b.rows == list(range(256))
+    idx.ack("train", b.rows)
+    assert len(idx) == n - 256
