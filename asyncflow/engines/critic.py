@@ -26,13 +26,16 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class ValueModel(nn.Module):
     """A causal LM's decoder with a linear value head; the LM head stays unused and frozen."""
 
-    def __init__(self, lm: Any) -> None:
+    def __init__(self, lm: Any, seed: int = 0) -> None:
         super().__init__()
         self.lm: Any = lm  # a transformers PreTrainedModel (causal LM)
         hidden = int(lm.config.hidden_size)
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / hidden**0.5)
-        nn.init.zeros_(self.value_head.bias)
+        gen = torch.Generator().manual_seed(seed)  # the head's init depends on the seed only
+        with torch.no_grad():
+            weight = torch.randn(self.value_head.weight.shape, generator=gen) / hidden**0.5
+            self.value_head.weight.copy_(weight)
+            self.value_head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         decoder = self.lm.get_decoder()
@@ -54,7 +57,7 @@ class TorchCriticEngine(TorchEngineBase):
             dtype=torch.float32,
             attn_implementation=self.config.attn_implementation,
         )
-        model = ValueModel(lm)
+        model = ValueModel(lm, seed=self.config.seed)
         head = Path(model_path) / VALUE_HEAD_FILE
         if head.exists():
             model.value_head.load_state_dict(load_file(str(head)))

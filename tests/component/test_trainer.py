@@ -78,7 +78,9 @@ def split(batch: TrainBatch, parts: int) -> list[TrainBatch]:
 
 
 def config(lr: float = 1e-3, **kw: object) -> TrainerConfig:
-    return TrainerConfig(optimizer=OptimizerConfig(lr=lr, max_grad_norm=1.0), seed=0, **kw)  # type: ignore[arg-type]
+    """A CPU config (also on a CUDA machine: two ranks cannot share one GPU under NCCL)."""
+    opt = OptimizerConfig(lr=lr, max_grad_norm=1.0)
+    return TrainerConfig(optimizer=opt, seed=0, device="cpu", **kw)  # type: ignore[arg-type]
 
 
 def test_logprobs_match_manual_log_softmax(model_dir: Path) -> None:
@@ -134,7 +136,8 @@ def test_named_weights_are_hf_state_dict_names(model_dir: Path) -> None:
 
 
 def test_save_load_restores_weights_and_next_step(model_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainerConfig(optimizer=OptimizerConfig(lr=1e-3, weight_decay=0.1, warmup_steps=4))
+    opt = OptimizerConfig(lr=1e-3, weight_decay=0.1, warmup_steps=4)
+    cfg = TrainerConfig(optimizer=opt, device="cpu")
     engine = TorchTrainingEngine(model_dir, cfg)
     objective = PolicyObjective()
     first = engine.train_step([make_batch(1)], objective)
@@ -173,11 +176,26 @@ def _ddp_worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
     for step in range(2):
         half = split(make_batch(10 + step, rows=8), 2)[rank]
         metrics = engine.train_step(split(half, 2), PolicyObjective())
+    critic = TorchCriticEngine(model_dir, config(), dist_cfg)
+    critic.train_step(split(_with_returns(split(make_batch(20, rows=8), 2)[rank]), 2), _VALUE)
     if rank == 0:
         weights = {n: w.contiguous() for n, w in engine.named_weights()}
         save_file(weights, str(Path(out_dir) / "ddp.safetensors"))
+        critic_weights = {n: w.contiguous() for n, w in critic.named_weights()}
+        save_file(critic_weights, str(Path(out_dir) / "critic.safetensors"))
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
     torch.distributed.destroy_process_group()
+
+
+_VALUE = ValueObjective(clip_range=0.2)
+
+
+def _with_returns(batch: TrainBatch) -> TrainBatch:
+    """Add ``returns`` and old ``values`` columns for the critic's loss."""
+    length = batch.input_ids.shape[1]
+    batch.tensors["returns"] = torch.linspace(-1, 1, length) * batch.loss_mask
+    batch.tensors["values"] = torch.full_like(batch.loss_mask, 0.1) * batch.loss_mask
+    return batch
 
 
 def test_two_gloo_ranks_match_one_process(model_dir: Path, tmp_path: Path) -> None:
@@ -192,6 +210,11 @@ def test_two_gloo_ranks_match_one_process(model_dir: Path, tmp_path: Path) -> No
         torch.testing.assert_close(ddp[name], weight, atol=1e-5, rtol=0)
         moved = max(moved, float((weight - initial[name]).abs().max()))
     assert moved > 1e-4  # the step really changed the weights
+    critic = TorchCriticEngine(model_dir, config())
+    critic.train_step(split(_with_returns(make_batch(20, rows=8)), 4), _VALUE)
+    ddp_critic = load_file(str(tmp_path / "critic.safetensors"))
+    for name, weight in critic.named_weights():
+        torch.testing.assert_close(ddp_critic[name], weight, atol=1e-5, rtol=0)
     ddp_metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert ddp_metrics["tokens"] == metrics["tokens"]
     assert ddp_metrics["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
