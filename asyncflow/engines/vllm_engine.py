@@ -197,7 +197,7 @@ class VLLMRolloutEngine:
         """
 
         def reload(engine: Any) -> None:
-            engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+            engine.collective_rpc(_reload_in_worker, args=(iter(weights),))
             engine.reset_prefix_cache()
             self._version = version
 
@@ -299,6 +299,23 @@ class VLLMRolloutEngine:
         pending = self._pending.pop(request_id)
         completion = Completion([], [], "abort", pending.version)
         pending.loop.call_soon_threadsafe(_resolve, pending.future, completion, None)
+
+
+def _reload_in_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Runs on the (in-process) worker: reload in place, then refresh a tied LM head.
+
+    A tied ``lm_head`` receives no weights of its own (the checkpoint has only the embedding),
+    so the layerwise reload never re-processes it; on the CPU build that leaves the GEMM kernel
+    packed from the old embedding. Re-running its post-load processing repacks it from the
+    (already updated, shared) embedding storage; elsewhere that processing is a no-op.
+    """
+    worker.reload_weights(weights_iterator=weights)
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    quant_method = getattr(lm_head, "quant_method", None)
+    if lm_head is not None and config and quant_method is not None:
+        quant_method.process_weights_after_loading(lm_head)
 
 
 def _sampling_params(sampling: SamplingConfig, eos_token_ids: list[int]) -> Any:

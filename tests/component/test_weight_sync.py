@@ -1,4 +1,4 @@
-"""Weight sync over a standalone gloo group: bucketing, 1 sender -> 2 receiver processes, timeouts."""
+"""Weight sync over a standalone gloo group: buckets, 1 sender -> 2 receiver processes, timeouts."""
 
 from __future__ import annotations
 
