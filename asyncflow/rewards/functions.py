@@ -7,9 +7,10 @@ one sample, within ``timeout_s``, and never crashes or blocks the caller's event
 
 How: with ``isolate=True`` (the default) each call runs in one of ``num_workers`` spawned child
 processes; a call that overruns its timeout, or a child that dies, gets its process killed and
-replaced. The built-in verifier (``asyncflow.rewards.math.verify``) is cheap and trusted: pass it
-with ``isolate=False`` to run in-process (sync functions then run in a thread, so a hang in one
-is reported as a timeout but its thread cannot be stopped: only isolate code you trust).
+replaced. The built-in verifiers (``arithmetic_reward`` and ``math_reward`` in
+``asyncflow.rewards.math``) are cheap and trusted: pass them with ``isolate=False`` to run
+in-process (sync functions then run in a thread, so a hang is reported as a timeout but the
+thread cannot be stopped: run in-process only code you trust).
 
 The ``FailurePolicy`` says what the caller should do with a failed sample: ``zero`` (train on it
 with score 0) or ``regenerate`` (drop it and sample again). The scorer only records it; the

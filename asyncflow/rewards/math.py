@@ -83,4 +83,14 @@ def verify(response: str, answer: str, strict: bool = False) -> float:
     return 1.0 if normalize_answer(found) == normalize_answer(answer) else 0.0
 
 
-__all__ = ["extract_answer", "normalize_answer", "verify"]
+def math_reward(prompt: str, response: str, answer: str) -> float:
+    """``RewardFunction``-shaped verifier for math answers (boxed, ``>`` or last number)."""
+    return verify(response, answer)
+
+
+def arithmetic_reward(prompt: str, response: str, answer: str) -> float:
+    """``RewardFunction``-shaped reward of the built-in task: strict worked-sum format."""
+    return verify(response, answer, strict=True)
+
+
+__all__ = ["arithmetic_reward", "extract_answer", "math_reward", "normalize_answer", "verify"]

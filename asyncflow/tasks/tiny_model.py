@@ -266,8 +266,17 @@ def save_tiny_model(
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    _portable_tokenizer_class(path / "tokenizer_config.json")
     (path / "asyncflow_build.json").write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def _portable_tokenizer_class(config_file: Path) -> None:
+    """Name the generic fast tokenizer class, which transformers 4.x and 5.x both resolve
+    (5.x writes ``TokenizersBackend``, unknown to 4.x)."""
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _is_complete(path: Path) -> bool:

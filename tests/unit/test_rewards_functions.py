@@ -1,0 +1,165 @@
+"""User reward functions: loading by 'module:function', and scoring that survives raising,
+hanging and busy-looping functions (each becomes a recorded failure within the timeout)."""
+
+import asyncio
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncflow.rewards.functions import (
+    FailurePolicy,
+    RewardResult,
+    RewardScorer,
+    load_reward_function,
+    spec_of,
+)
+from asyncflow.rewards.math import arithmetic_reward
+
+USER_MODULE = textwrap.dedent(
+    """
+    import asyncio, os, time
+
+    NOT_CALLABLE = 3
+
+    def exact(prompt, response, answer):
+        return 1.0 if response.strip() == answer else 0.0
+
+    async def async_exact(prompt, response, answer):
+        await asyncio.sleep(0)
+        return 1.0 if response.strip() == answer else 0.0
+
+    def raises(prompt, response, answer):
+        raise KeyError("boom")
+
+    def sleeps(prompt, response, answer):
+        time.sleep(60)
+
+    def spins(prompt, response, answer):
+        while True:
+            pass
+
+    def spins_on_x(prompt, response, answer):
+        while response == "x":
+            pass
+        return 0.5
+
+    def returns_text(prompt, response, answer):
+        return "1.0"
+
+    def dies(prompt, response, answer):
+        os._exit(3)
+
+    class Holder:
+        @staticmethod
+        def method(prompt, response, answer):
+            return 0.25
+    """
+)
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"user_rewards_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_load_reward_function(user_module: str) -> None:
+    assert load_reward_function(f"{user_module}:exact")("p", "3", "3") == 1.0
+    assert load_reward_function(f"{user_module}:Holder.method")("p", "r", "a") == 0.25
+    assert spec_of(arithmetic_reward) == "asyncflow.rewards.math:arithmetic_reward"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "must look like"),
+        ("no_such_module_xyz:fn", "module 'no_such_module_xyz' not found"),
+        ("{mod}:missing", "has no attribute 'missing'"),
+        ("{mod}:NOT_CALLABLE", "is not callable"),
+    ],
+)
+def test_load_reward_function_errors(user_module: str, spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_reward_function(spec.format(mod=user_module))
+
+
+def test_local_function_cannot_be_isolated() -> None:
+    def local(prompt: str, response: str, answer: str) -> float:
+        return 0.0
+
+    with pytest.raises(ValueError, match="isolate=False"):
+        RewardScorer(local)
+
+
+async def test_isolated_scorer_records_every_kind_of_failure(user_module: str) -> None:
+    m = user_module
+    async with RewardScorer(f"{m}:exact", timeout_s=0.5) as good:
+        ok = await good.score("1+2=", " 3", "3")
+        wrong = await good.score("1+2=", "4", "3")
+    assert ok.score == 1.0 and not ok.failed and ok.error is None and ok.duration_s > 0
+    assert wrong == RewardResult(0.0, duration_s=wrong.duration_s)
+    cases = {
+        "raises": "KeyError: 'boom'",
+        "sleeps": "TimeoutError",
+        "spins": "TimeoutError",
+        "returns_text": "not a number",
+        "dies": "reward worker died",
+    }
+    for name, error in cases.items():
+        scorer = RewardScorer(f"{m}:{name}", timeout_s=0.5, failure_policy="regenerate")
+        t0 = time.perf_counter()
+        result = await scorer.score("p", "r", "a")
+        await scorer.aclose()
+        assert result.failed and result.score == 0.0, name
+        assert result.error is not None and error in result.error, (name, result.error)
+        assert result.policy is FailurePolicy.REGENERATE
+        assert time.perf_counter() - t0 < 10  # bounded, never hangs
+
+
+async def test_scorer_recovers_after_a_timeout_and_loop_stays_responsive(user_module: str) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    async with RewardScorer(f"{user_module}:spins_on_x", timeout_s=0.5, num_workers=2) as scorer:
+        task = asyncio.create_task(ticker())
+        hung, fine = await asyncio.gather(scorer.score("p", "x", "a"), scorer.score("p", "y", "a"))
+        task.cancel()
+        assert hung.failed and "TimeoutError" in (hung.error or "")
+        assert fine == RewardResult(0.5, duration_s=fine.duration_s)
+        assert ticks >= 5  # the event loop kept running while a call hung
+        again = await scorer.score("p", "y", "a")  # the killed worker was replaced
+        assert again.score == 0.5 and not again.failed
+
+
+async def test_async_function_in_worker(user_module: str) -> None:
+    async with RewardScorer(f"{user_module}:async_exact", timeout_s=2.0) as scorer:
+        assert (await scorer.score("p", "7", "7")).score == 1.0
+
+
+async def test_in_process_verifier_and_failures() -> None:
+    scorer = RewardScorer(arithmetic_reward, isolate=False, timeout_s=0.5)
+    assert (await scorer.score("1+2=", "3>3", "3")).score == 1.0
+    assert (await scorer.score("1+2=", "3>4", "3")).score == 0.0
+    assert (await scorer.score("1+2=", "the answer is 3", "3")).score == 0.0
+
+    async def hangs(prompt: str, response: str, answer: str) -> float:
+        await asyncio.sleep(60)
+        return 1.0
+
+    def raises(prompt: str, response: str, answer: str) -> float:
+        raise RuntimeError("bad")
+
+    timed_out = await RewardScorer(hangs, isolate=False, timeout_s=0.5).score("p", "r", "a")
+    assert timed_out.failed and "TimeoutError" in (timed_out.error or "")
+    assert timed_out.policy is FailurePolicy.ZERO
+    raised = await RewardScorer(raises, isolate=False, timeout_s=0.5).score("p", "r", "a")
+    assert raised.failed and raised.error == "RuntimeError: bad"
