@@ -39,6 +39,11 @@ class PolicyObjective:
         """Whether the engine must return ``entropy`` in the outputs."""
         return self.report_entropy or self.config.entropy_coef != 0.0
 
+    @property
+    def entropy_grad(self) -> bool:
+        """Whether the entropy enters the loss (else the engine computes it without a graph)."""
+        return self.config.entropy_coef != 0.0
+
     def __call__(
         self, outputs: dict[str, torch.Tensor], batch: TrainBatch, ctx: LossContext
     ) -> tuple[torch.Tensor, dict[str, float]]:

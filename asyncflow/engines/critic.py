@@ -76,7 +76,7 @@ class TorchCriticEngine(TorchEngineBase):
             out_emb.requires_grad_(False)
 
     def _outputs(
-        self, module: nn.Module, batch: TrainBatch, with_entropy: bool
+        self, module: nn.Module, batch: TrainBatch, with_entropy: bool, entropy_grad: bool = False
     ) -> dict[str, torch.Tensor]:
         state_values = module(batch.input_ids, batch.attention_mask)  # (B, T): V after x_<=t
         zeros = torch.zeros_like(state_values[:, :1])  # (B, 1)

@@ -88,7 +88,8 @@ class LossFn(Protocol):
 
     ``outputs`` holds the engine's forward results for the micro-batch, (B, T) aligned to
     input positions: ``logprobs`` (and ``entropy`` when the callable has a true attribute
-    ``needs_entropy``) for a policy, ``values`` for a critic. Returns this micro-batch's share of
+    ``needs_entropy``; with a graph unless it has a false attribute ``entropy_grad``) for a
+    policy, ``values`` for a critic. Returns this micro-batch's share of
     the global loss and float metrics averaged over its loss tokens (keys ending in ``_max`` /
     ``_min`` are reduced by max / min).
     """

@@ -112,13 +112,16 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk: int = 256,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-token float32 log-probs of ``input_ids`` (B, T) under ``logits`` (B, T, V).
 
     The logits at position ``t - 1`` predict token ``t``; the result is aligned to input
     positions, with column 0 set to 0. Each chunk of positions is upcast to float32 on its own
     and reduced as ``gather - logsumexp``. With ``with_entropy`` also returns the entropy of the
-    predictive distribution of each position's token (same alignment, column 0 is 0).
+    predictive distribution of each position's token (same alignment, column 0 is 0); with
+    ``entropy_grad=False`` the entropy is computed without a graph (for metrics: saves storing
+    the (B, T, V) probabilities for the backward pass).
     """
     batch, length, _ = logits.shape
     zeros = torch.zeros(batch, 1, dtype=torch.float32, device=logits.device)  # (B, 1)
@@ -131,8 +134,9 @@ def token_logprobs(
         picked = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, C)
         lp_parts.append(picked - lse)
         if with_entropy:
-            probs = torch.softmax(scaled, dim=-1)  # (B, C, V)
-            ent_parts.append(lse - (probs * scaled).sum(dim=-1))  # (B, C)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                probs = torch.softmax(scaled, dim=-1)  # (B, C, V)
+                ent_parts.append(lse - (probs * scaled).sum(dim=-1))  # (B, C)
     out = {"logprobs": torch.cat(lp_parts, dim=1)}  # (B, T)
     if with_entropy:
         out["entropy"] = torch.cat(ent_parts, dim=1)  # (B, T)
@@ -219,7 +223,7 @@ class TorchEngineBase:
         raise NotImplementedError
 
     def _outputs(
-        self, module: nn.Module, batch: TrainBatch, with_entropy: bool
+        self, module: nn.Module, batch: TrainBatch, with_entropy: bool, entropy_grad: bool = False
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -336,6 +340,7 @@ class TorchEngineBase:
             raise TypeError("loss_fn must be callable as loss_fn(outputs, batch, ctx)")
         ctx = self._loss_context(micro_batches)
         needs_entropy = bool(getattr(loss_fn, "needs_entropy", False))
+        entropy_grad = bool(getattr(loss_fn, "entropy_grad", needs_entropy))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, records = 0.0, []
         for i, raw_mb in enumerate(micro_batches):
@@ -345,7 +350,7 @@ class TorchEngineBase:
             if isinstance(self.wrapped, DistributedDataParallel) and not last:
                 sync = self.wrapped.no_sync()  # type: ignore[assignment]
             with sync:
-                outputs = self._outputs(self.wrapped, mb, needs_entropy)
+                outputs = self._outputs(self.wrapped, mb, needs_entropy, entropy_grad)
                 loss, metrics = loss_fn(outputs, mb, ctx)
                 # DDP averages gradients over ranks; the loss is already a global share.
                 (loss * self.world_size).backward()
@@ -486,7 +491,7 @@ class TorchTrainingEngine(TorchEngineBase):
         )
 
     def _outputs(
-        self, module: nn.Module, batch: TrainBatch, with_entropy: bool
+        self, module: nn.Module, batch: TrainBatch, with_entropy: bool, entropy_grad: bool = False
     ) -> dict[str, torch.Tensor]:
         logits = module(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -497,6 +502,7 @@ class TorchTrainingEngine(TorchEngineBase):
             self.config.temperature,
             self.config.logprob_chunk,
             with_entropy,
+            entropy_grad,
         )
         keep = batch.attention_mask.bool()  # (B, T): zero the padding positions
         return {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in out.items()}

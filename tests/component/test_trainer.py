@@ -23,6 +23,7 @@ from asyncflow.engines.torch_trainer import (
     OptimizerConfig,
     TorchTrainingEngine,
     TrainerConfig,
+    token_logprobs,
 )
 
 torch.set_num_threads(1)
@@ -103,6 +104,12 @@ def test_logprobs_match_manual_log_softmax(model_dir: Path) -> None:
     assert torch.all(out["logprobs"][~batch.attention_mask.bool()] == 0)
     torch.testing.assert_close(out["logprobs"][:, 1:][keep], manual[keep], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["entropy"][:, 1:][keep], entropy[keep], atol=1e-5, rtol=0)
+    chunked = token_logprobs(logits, batch.input_ids, chunk=4, with_entropy=True)
+    torch.testing.assert_close(chunked["logprobs"][:, 1:][keep], manual[keep], atol=1e-5, rtol=0)
+    leaf = logits.clone().requires_grad_(True)
+    assert token_logprobs(leaf, batch.input_ids, with_entropy=True)["entropy"].requires_grad
+    no_graph = token_logprobs(leaf, batch.input_ids, with_entropy=True, entropy_grad=False)
+    assert not no_graph["entropy"].requires_grad and no_graph["logprobs"].requires_grad
     with pytest.raises(RuntimeError, match="trainable"):
         engine.train_step([batch], PolicyObjective())
 

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncflow.algorithms import (
     PolicyLossConfig,
@@ -63,6 +65,29 @@ def test_grpo_without_std_and_degenerate_groups() -> None:
     assert not torch.isnan(grpo_advantages(torch.full((2, 3), 7.0))).any()
     with pytest.raises(ValueError):
         grpo_advantages(torch.zeros(4))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-10, 10, allow_nan=False), min_size=4, max_size=4),
+        min_size=1,
+        max_size=5,
+    ),
+    st.floats(-5, 5),
+    st.floats(0.5, 4),
+)
+def test_grpo_properties(rows: list[list[float]], shift: float, scale: float) -> None:
+    rewards = torch.tensor(rows, dtype=torch.float64).float()
+    adv = grpo_advantages(rewards, eps=0.0)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(len(rows)), atol=1e-4, rtol=0)
+    varied = rewards.std(dim=1) > 1e-3
+    if varied.any():
+        std = adv[varied].std(dim=1)
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-3, rtol=0)
+        moved = grpo_advantages(rewards * scale + shift, eps=0.0)
+        torch.testing.assert_close(moved[varied], adv[varied], atol=1e-3, rtol=0)
 
 
 def test_broadcast_and_final_token_rewards() -> None:
