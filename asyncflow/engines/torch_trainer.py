@@ -460,7 +460,7 @@ class TorchEngineBase:
         assert self.optimizer is not None
         names = self._param_order()
         index = {n: i for i, n in enumerate(names)}
-        flat = load_file(str(source / OPTIMIZER_FILE), device=str(self.device))
+        flat = load_file(str(source / OPTIMIZER_FILE))  # CPU; load_state_dict moves slots
         slots: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             name, slot = key.rsplit("::", 1)
