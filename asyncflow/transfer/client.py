@@ -20,6 +20,8 @@ from asyncflow.transfer.framing import decode, encode
 from asyncflow.transfer.index import BatchMeta
 from asyncflow.transfer.storage import ColumnData
 
+READ_BUFSIZE = 4 << 20
+
 
 class TransferError(RuntimeError):
     """A storage unit could not serve a request (unreachable, refused, or bad answer)."""
@@ -110,7 +112,10 @@ class TransferClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=64)
-            self._session = aiohttp.ClientSession(connector=conn, timeout=self._timeout)
+            # A large read buffer: the default (64 KiB) pauses the socket every two chunks.
+            self._session = aiohttp.ClientSession(
+                connector=conn, timeout=self._timeout, read_bufsize=READ_BUFSIZE
+            )
         return self._session
 
     def _url(self, unit: str, path: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from asyncflow.transfer.client import TransferClient
+from asyncflow.transfer.client import READ_BUFSIZE, TransferClient
 from asyncflow.transfer.index import BatchMeta
 from asyncflow.transfer.service import (
     BadRequest,
@@ -111,7 +111,7 @@ class WorkerServer:
         """Start the role, bind, announce readiness, serve until shut down."""
         await self.role.start()
         self._client = TransferClient({}, self.token)
-        runner = web.AppRunner(self.app(), access_log=None)
+        runner = web.AppRunner(self.app(), access_log=None, read_bufsize=READ_BUFSIZE)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()

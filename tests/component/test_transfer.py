@@ -42,8 +42,11 @@ async def test_batch_spread_over_two_units_is_assembled_in_order(units: list[Wor
             mine = rows[k::2]
             lens = torch.tensor([len(ragged[r]) for r in mine])
             vals = torch.cat([ragged[r] for r in mine])
-            shapes = await client.put(h.unit, mine, {
-                "ids": ColumnData(vals, lens), "lp": lp[k::2], "reward": reward[k::2]})
+            shapes = await client.put(
+                h.unit,
+                mine,
+                {"ids": ColumnData(vals, lens), "lp": lp[k::2], "reward": reward[k::2]},
+            )
             idx.mark_ready(mine, "ids", h.unit, shapes=shapes["ids"], dtype="int64")
             idx.mark_ready(mine, "lp", h.unit, shapes=[5])
             idx.mark_ready(mine, "reward", h.unit, shapes=[])
@@ -66,6 +69,7 @@ async def test_requests_without_token_or_with_bad_ids_are_refused(units: list[Wo
     async with TransferClient({h.unit: h.url}, TOKEN) as client:
         await client.put(h.unit, [0, 1], {"x": torch.ones(2, 3)})
     async with aiohttp.ClientSession() as s:
+
         async def post(path: str, token: str | None = TOKEN, **kw: object) -> tuple[int, str]:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             async with s.post(h.url + path, headers=headers, **kw) as r:  # type: ignore[arg-type]
@@ -74,8 +78,12 @@ async def test_requests_without_token_or_with_bad_ids_are_refused(units: list[Wo
         assert (await post("/v1/storage/get", None, json={"columns": {"x": [0]}}))[0] == 401
         assert (await post("/v1/storage/get", "wrong", json={"columns": {"x": [0]}}))[0] == 401
         assert (await post("/v1/storage/free", "wrong", json={"rows": [0, 1]}))[0] == 401
-        for body in ({"columns": {"x": [-1]}}, {"columns": {"x": ["0"]}}, {"columns": []},
-                     {"columns": {"x": [0.5]}}):
+        for body in (
+            {"columns": {"x": [-1]}},
+            {"columns": {"x": ["0"]}},
+            {"columns": []},
+            {"columns": {"x": [0.5]}},
+        ):
             status, text = await post("/v1/storage/get", json=body)
             assert status == 400, (body, text)
         assert (await post("/v1/storage/get", data=b"{not json"))[0] == 400
@@ -84,8 +92,9 @@ async def test_requests_without_token_or_with_bad_ids_are_refused(units: list[Wo
         bad_rows = encode_bytes({"x": torch.ones(2, 3)}, {"rows": [5]})
         assert (await post("/v1/storage/put", data=bad_rows))[0] == 400
         assert (await post("/v1/storage/free", json={"rows": "all"}))[0] == 400
-        async with s.get(h.url + "/v1/storage/stats",
-                         headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        async with s.get(
+            h.url + "/v1/storage/stats", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
             stats = await r.json()
     assert stats["columns"] == {"x": 2}  # nothing above changed the unit
     async with TransferClient({h.unit: h.url}, TOKEN) as client:

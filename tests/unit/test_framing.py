@@ -48,8 +48,10 @@ def test_decode_from_bytearray_does_not_copy() -> None:
         (struct.pack("<Q", 10**9) + b"{}", "does not fit"),
         (struct.pack("<Q", 4) + b"nope", "not JSON"),
         (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
-        (struct.pack("<Q", 48) + b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'[:48],
-         "not JSON"),
+        (
+            struct.pack("<Q", 48) + b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'[:48],
+            "not JSON",
+        ),
     ],
 )
 def test_malformed_frames_raise_frame_error(frame: bytes, message: str) -> None:

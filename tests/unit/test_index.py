@@ -170,7 +170,7 @@ async def test_stale_completion_after_loss_is_dropped() -> None:
 
 async def test_loss_after_all_consumers_done_needs_no_redo() -> None:
     idx = grpo_index()
-    (g,) = admit(idx, 1, 1)
+    admit(idx, 1, 1)
     b = await idx.get_batch("rollout", 1)
     idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
     b = await idx.get_batch("reward", 1)
