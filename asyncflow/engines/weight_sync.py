@@ -15,8 +15,11 @@ Wire format of one update (every message is a broadcast from rank 0):
 
 Buckets are pipelined: up to ``inflight`` broadcasts are posted at once, so packing (sender) and
 loading (receiver) overlap the transfer. The receiver's :class:`WeightUpdate` yields
-``(name, tensor)`` views of freshly allocated bucket buffers, lazily, which is exactly what an
-engine's ``load_weights`` consumes. Every wait carries the group timeout: a missing peer raises
+``(name, tensor)`` views of its bucket buffers, lazily, which is exactly what an engine's
+``load_weights`` consumes (it copies them into the model). Bucket buffers are kept and reused by
+the next update of the same layout, on both ends: allocating and first-touching them every time
+cost as much as the transfer. So a received tensor is valid until the next ``receive()``; clone
+it to keep it longer. Every wait carries the group timeout: a missing peer raises
 (``RuntimeError`` / ``TimeoutError`` from torch.distributed) instead of hanging. All calls block;
 async callers use the ``a*`` wrappers, which run them in a thread.
 """
@@ -104,6 +107,20 @@ class Bucket:
         return torch.empty(self.numel, dtype=_dtype(self.dtype), device=device)
 
 
+class _BufferPool:
+    """Bucket buffers kept from one update to the next (same layout: no allocation and no
+    first-touch page faults, which otherwise cost as much as the transfer itself)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, bucket: Bucket, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(index)
+        if buffer is None or buffer.dtype != _dtype(bucket.dtype) or buffer.numel() != bucket.numel:
+            buffer = self._buffers[index] = bucket.empty(device)
+        return buffer
+
+
 def plan_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Bucket]:
     """Group tensors per dtype into buckets of at most ``bucket_bytes`` (a larger one alone)."""
     open_buckets: dict[torch.dtype, Bucket] = {}
@@ -160,6 +177,10 @@ class _Channel:
         if not work.wait(self.timeout):
             raise TimeoutError(f"weight broadcast did not finish within {self.timeout}")
 
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """One raw blocking broadcast from rank 0 (baselines, control messages)."""
+        self.wait(self.post(tensor))
+
     def close(self) -> None:
         self._group = None
 
@@ -174,7 +195,7 @@ class WeightSender:
         world_size: int,
         *,
         backend: str = "gloo",
-        bucket_bytes: int = 64 << 20,
+        bucket_bytes: int = 128 << 20,
         inflight: int = 2,
         timeout_s: float = 60.0,
         device: str | None = None,
@@ -184,6 +205,7 @@ class WeightSender:
         self._channel = _Channel(host, port, 0, world_size, backend, timeout_s, device)
         self._bucket_bytes = bucket_bytes
         self._inflight = max(1, inflight)
+        self._pool = _BufferPool()
 
     def connect(self) -> None:
         """Host the rendezvous and wait for every receiver to join."""
@@ -204,8 +226,8 @@ class WeightSender:
         self._send_bytes(manifest)
         pending: list[dist.Work] = []
         total = 0
-        for bucket in buckets:
-            buffer = self._pack(bucket, by_name)
+        for index, bucket in enumerate(buckets):
+            buffer = self._pack(index, bucket, by_name)
             total += buffer.numel() * buffer.element_size()
             pending.append(self._channel.post(buffer))
             if len(pending) >= self._inflight:
@@ -218,14 +240,22 @@ class WeightSender:
     async def asend(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
         return await asyncio.to_thread(self.send, weights, version)
 
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """A raw broadcast of ``tensor`` to every receiver (e.g. a bandwidth baseline)."""
+        self._channel.broadcast(tensor)
+
     def _send_bytes(self, payload: bytes) -> None:
         device = self._channel.device
         self._channel.wait(self._channel.post(torch.tensor([len(payload)], device=device)))
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
         self._channel.wait(self._channel.post(data))
 
-    def _pack(self, bucket: Bucket, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
-        buffer = bucket.empty(self._channel.device)
+    def _pack(self, index: int, bucket: Bucket, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
+        if len(bucket.entries) == 1:  # a lone tensor travels as it is, without a copy
+            tensor = by_name[bucket.entries[0][0]].to(self._channel.device)
+            if tensor.is_contiguous():
+                return tensor.reshape(-1)
+        buffer = self._pool.get(index, bucket, self._channel.device)
         for name, _shape, offset in bucket.entries:
             tensor = by_name[name]
             buffer[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
@@ -236,13 +266,18 @@ class WeightSender:
 
 
 class WeightUpdate:
-    """One incoming update: its ``version`` and a one-shot iterator of ``(name, tensor)``."""
+    """One incoming update: its ``version`` and a one-shot iterator of ``(name, tensor)``.
 
-    def __init__(self, channel: _Channel, manifest: dict[str, Any], inflight: int) -> None:
+    The tensors are views into bucket buffers that the next ``receive()`` overwrites."""
+
+    def __init__(
+        self, channel: _Channel, manifest: dict[str, Any], inflight: int, pool: _BufferPool
+    ) -> None:
         self.version = int(manifest["version"])
         self._buckets = [Bucket.from_json(b) for b in manifest["buckets"]]
         self._channel = channel
         self._inflight = max(1, inflight)
+        self._pool = pool
         self._iterator = self._receive()
         self.bytes = 0
         self.done = False
@@ -257,25 +292,25 @@ class WeightUpdate:
 
     def _receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         posted: list[tuple[dist.Work, torch.Tensor, Bucket]] = []
-        upcoming = iter(self._buckets)
-        for bucket in upcoming:
-            posted.append(self._post(bucket))
+        upcoming = iter(enumerate(self._buckets))
+        for index, bucket in upcoming:
+            posted.append(self._post(index, bucket))
             if len(posted) >= self._inflight:
                 break
         while posted:
             work, buffer, bucket = posted.pop(0)
             self._channel.wait(work)
-            next_bucket = next(upcoming, None)
-            if next_bucket is not None:
-                posted.append(self._post(next_bucket))
+            following = next(upcoming, None)
+            if following is not None:
+                posted.append(self._post(*following))
             self.bytes += buffer.numel() * buffer.element_size()
             for name, shape, offset in bucket.entries:
                 numel = int(torch.Size(shape).numel())
                 yield name, buffer[offset : offset + numel].view(shape)
         self.done = True
 
-    def _post(self, bucket: Bucket) -> tuple[dist.Work, torch.Tensor, Bucket]:
-        buffer = bucket.empty(self._channel.device)
+    def _post(self, index: int, bucket: Bucket) -> tuple[dist.Work, torch.Tensor, Bucket]:
+        buffer = self._pool.get(index, bucket, self._channel.device)
         return self._channel.post(buffer), buffer, bucket
 
 
@@ -298,6 +333,7 @@ class WeightReceiver:
             raise ValueError(f"receiver rank must be in 1..{world_size - 1}, got {rank}")
         self._channel = _Channel(host, port, rank, world_size, backend, timeout_s, device)
         self._inflight = inflight
+        self._pool = _BufferPool()
         self._last: WeightUpdate | None = None
 
     def connect(self) -> None:
@@ -320,7 +356,7 @@ class WeightReceiver:
         data = torch.empty(int(length.item()), dtype=torch.uint8, device=self._channel.device)
         self._channel.wait(self._channel.post(data))
         manifest = json.loads(bytes(data.cpu().numpy()).decode())
-        self._last = WeightUpdate(self._channel, manifest, self._inflight)
+        self._last = WeightUpdate(self._channel, manifest, self._inflight, self._pool)
         return self._last
 
     async def areceive(self) -> WeightUpdate:
@@ -331,6 +367,10 @@ class WeightReceiver:
         """Receive a whole update eagerly: ``(version, [(name, tensor), ...])``."""
         update = self.receive()
         return update.version, list(update)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Receive a raw broadcast into ``tensor`` (the sender's :meth:`WeightSender.broadcast`)."""
+        self._channel.broadcast(tensor)
 
     def close(self) -> None:
         self._channel.close()
