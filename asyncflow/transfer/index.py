@@ -64,19 +64,27 @@ class _Group:
 
 
 @dataclass(slots=True)
+class _Queue:
+    """Items (row ids, or group ids for a group task) ready for one task in one partition."""
+
+    ready: deque[int] = field(default_factory=deque)  # fifo / balanced
+    heap: list[tuple[int, int, int]] = field(default_factory=list)  # freshest: (-ver, seq, id)
+    queued: set[int] = field(default_factory=set)  # ids currently in ready/heap (maybe stale)
+    waiters: deque[_Waiter] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
 class _Task:
     name: str
     requires: tuple[str, ...]
     produces: tuple[str, ...]
     groups: bool
     policy: str
-    ready: deque[int] = field(default_factory=deque)  # fifo / balanced: row or group ids
-    heap: list[tuple[int, int, int]] = field(default_factory=list)  # freshest: (-ver, seq, id)
-    queued: set[int] = field(default_factory=set)  # ids currently in ready/heap
+    partition: str | None = None  # row-meta key that splits the ready queue (e.g. "step")
+    queues: dict[Any, _Queue] = field(default_factory=dict)
     leased: set[int] = field(default_factory=set)  # row ids handed out, not acked
     consumed: set[int] = field(default_factory=set)  # row ids acked
     required: frozenset[str] = frozenset()
-    waiters: deque[_Waiter] = field(default_factory=deque)
 
 
 @dataclass(slots=True)
@@ -142,6 +150,7 @@ class SampleIndex:
         self._next_group = 0
         self._seq = itertools.count()
         self._on_release = on_release
+        self._touched: list[tuple[_Task, _Queue]] = []  # queues with waiters that got items
         self.released_rows = 0
         self.lost_fields = 0
 
@@ -154,9 +163,12 @@ class SampleIndex:
         *,
         groups: bool = False,
         policy: Policy = "fifo",
+        partition: str | None = None,
     ) -> None:
         """Declare a consuming task: the columns it needs, the columns it produces (lineage, used
-        to recompute lost data), whether it takes whole groups, and its choosing policy."""
+        to recompute lost data), whether it takes whole groups, its choosing policy, and
+        optionally a row-meta key (``partition``) whose value a consumer names to take only
+        rows with that value (the trainer takes only the rows of the step it is training)."""
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered")
         if policy not in POLICIES:
@@ -165,7 +177,7 @@ class SampleIndex:
             raise ValueError(f"task {name!r} must require at least one column")
         if self._rows:
             raise ValueError("register every task before adding rows")
-        task = _Task(name, tuple(requires), tuple(produces), groups, policy)
+        task = _Task(name, tuple(requires), tuple(produces), groups, policy, partition)
         task.required = frozenset(task.requires)
         self._tasks[name] = task
         for col in task.requires:
@@ -234,22 +246,22 @@ class SampleIndex:
             unit_rows.setdefault(rid, set()).add(column)
             for task in tasks:
                 self._maybe_ready(task, rid, row)
-        for task in tasks:
-            self._wake(task)
+        self._wake_touched()
 
     # ------------------------------------------------------------------ consumers
-    async def get_batch(self, task: str, n: int) -> BatchMeta:
-        """Wait for ``n`` rows (or ``n`` whole groups, for a group task) ready for ``task`` and
-        lease them. Bound the wait with ``asyncio.timeout``; on cancellation or timeout nothing
-        stays leased."""
+    async def get_batch(self, task: str, n: int, *, partition: Any = None) -> BatchMeta:
+        """Wait for ``n`` rows (or ``n`` whole groups, for a group task) ready for ``task`` (in
+        ``partition``, for a partitioned task) and lease them. Bound the wait with
+        ``asyncio.timeout``; on cancellation or timeout nothing stays leased."""
         t = self._task(task)
         if n < 1:
             raise ValueError(f"batch size must be >= 1, got {n}")
-        ids = self._try_take(t, n)
+        q = self._queue(t, partition)
+        ids = self._try_take(t, q, n)
         if ids is None:
             fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
             waiter = _Waiter(n, fut)
-            t.waiters.append(waiter)
+            q.waiters.append(waiter)
             try:
                 ids = await fut
             except BaseException:
@@ -257,16 +269,16 @@ class SampleIndex:
                     self._unlease(t, fut.result())  # resolved just as we were cancelled
                 else:
                     fut.cancel()
-                    if waiter in t.waiters:
-                        t.waiters.remove(waiter)
-                    self._wake(t)  # a smaller waiter behind us may be satisfiable now
+                    if waiter in q.waiters:
+                        q.waiters.remove(waiter)
+                    self._wake(t, q)  # a smaller waiter behind us may be satisfiable now
                 raise
         return self._meta(t, ids)
 
-    def try_get_batch(self, task: str, n: int) -> BatchMeta | None:
+    def try_get_batch(self, task: str, n: int, *, partition: Any = None) -> BatchMeta | None:
         """Non-waiting form of :meth:`get_batch`: a batch if one is ready now, else None."""
         t = self._task(task)
-        ids = self._try_take(t, n)
+        ids = self._try_take(t, self._queue(t, partition), n)
         return None if ids is None else self._meta(t, ids)
 
     def ack(self, task: str, rows: Iterable[int]) -> None:
@@ -323,7 +335,7 @@ class SampleIndex:
     def ready_count(self, task: str) -> int:
         """Rows (or groups) ready and not yet leased for ``task``; O(queue) only for stats."""
         t = self._task(task)
-        return sum(1 for i in t.queued if self._valid(t, i))
+        return sum(1 for q in t.queues.values() for i in q.queued if self._valid(t, i))
 
     # ------------------------------------------------------------------ failures
     def mark_unit_lost(self, unit: str) -> dict[str, list[int]]:
@@ -338,7 +350,6 @@ class SampleIndex:
         held = self._unit_rows.pop(unit, {})
         lost: dict[str, list[int]] = {}
         orphans: dict[str, list[int]] = {}
-        touched: set[str] = set()
         for rid, cols in held.items():
             row = self._rows.get(rid)
             if row is None:
@@ -349,20 +360,19 @@ class SampleIndex:
                 del row.fields[c]
             self.lost_fields += len(gone)
             if gone:
-                touched |= self._invalidate(rid, row, gone, orphans)
-        for name in touched:
-            self._wake(self._tasks[name])
+                self._invalidate(rid, row, gone, orphans)
+        self._wake_touched()
         if orphans and self._on_release is not None:
             self._on_release(orphans)
         return lost
 
     def _invalidate(
         self, rid: int, row: _Row, gone: set[str], orphans: dict[str, list[int]]
-    ) -> set[str]:
+    ) -> None:
         derived = self._downstream(frozenset(gone))
         users = {t.name for c in derived for t in self._by_column.get(c, ())}
         if all(rid in self._tasks[u].consumed for u in users):
-            return set()  # every consumer already has what it needed: nothing to redo
+            return  # every consumer already has what it needed: nothing to redo
         for c in derived - gone:
             fm = row.fields.pop(c, None)
             if fm is not None:
@@ -377,7 +387,6 @@ class SampleIndex:
                 row.acked_by -= 1
             t.leased.discard(rid)
             self._maybe_ready(t, rid, row)
-        return reset
 
     def _downstream(self, cols: frozenset[str]) -> set[str]:
         """``cols`` plus every column produced by a task that needs one of them, transitively."""
@@ -423,6 +432,7 @@ class SampleIndex:
                     "produces": list(t.produces),
                     "groups": t.groups,
                     "policy": t.policy,
+                    "partition": t.partition,
                     "consumed": sorted(t.consumed),
                 }
                 for t in self._tasks.values()
@@ -450,7 +460,12 @@ class SampleIndex:
         idx = cls(on_release)
         for t in state["tasks"]:
             idx.register_task(
-                t["name"], t["requires"], t["produces"], groups=t["groups"], policy=t["policy"]
+                t["name"],
+                t["requires"],
+                t["produces"],
+                groups=t["groups"],
+                policy=t["policy"],
+                partition=t.get("partition"),
             )
         idx._next_row = int(state["next_row"])
         idx._next_group = int(state["next_group"])
@@ -494,14 +509,31 @@ class SampleIndex:
             ver = max(self._rows[r].version for r in grp.rows)
             self._enqueue(t, gid, ver)
 
+    def _queue(self, t: _Task, key: Any) -> _Queue:
+        if key is not None and t.partition is None:
+            raise ValueError(f"task {t.name!r} is not partitioned; don't name a partition")
+        q = t.queues.get(key)
+        if q is None:
+            q = t.queues[key] = _Queue()
+        return q
+
+    def _key(self, t: _Task, item: int) -> Any:
+        if t.partition is None:
+            return None
+        rid = self._groups[item].rows[0] if t.groups else item
+        return self._rows[rid].meta.get(t.partition)
+
     def _enqueue(self, t: _Task, item: int, version: int) -> None:
-        if item in t.queued:
+        q = self._queue(t, self._key(t, item))
+        if item in q.queued:
             return
-        t.queued.add(item)
+        q.queued.add(item)
         if t.policy == "freshest":
-            heapq.heappush(t.heap, (-version, next(self._seq), item))
+            heapq.heappush(q.heap, (-version, next(self._seq), item))
         else:
-            t.ready.append(item)
+            q.ready.append(item)
+        if q.waiters:
+            self._touched.append((t, q))
 
     def _valid(self, t: _Task, item: int) -> bool:
         if t.groups:
@@ -512,42 +544,47 @@ class SampleIndex:
         row = self._rows.get(item)
         return row is not None and self._row_ready_for(t, item, row)
 
-    def _pop(self, t: _Task) -> int | None:
+    def _pop(self, t: _Task, q: _Queue) -> int | None:
         while True:
             if t.policy == "freshest":
-                if not t.heap:
+                if not q.heap:
                     return None
-                item = heapq.heappop(t.heap)[2]
+                item = heapq.heappop(q.heap)[2]
             else:
-                if not t.ready:
+                if not q.ready:
                     return None
-                item = t.ready.popleft()
-            t.queued.discard(item)
+                item = q.ready.popleft()
+            q.queued.discard(item)
             if self._valid(t, item):
                 return item
 
-    def _try_take(self, t: _Task, n: int) -> list[int] | None:
-        if t.waiters:  # first come, first served: don't overtake a waiting consumer
-            return None
-        if len(t.queued) < n:
+    def _take(self, t: _Task, q: _Queue, n: int) -> list[int] | None:
+        """Pop ``n`` valid items, or put back what was popped and return None."""
+        if len(q.queued) < n:
             return None
         items: list[int] = []
         while len(items) < n:
-            item = self._pop(t)
+            item = self._pop(t, q)
             if item is None:
                 for it in reversed(items):  # not enough valid ones: put back, in order
-                    self._push_front(t, it)
+                    self._push_front(t, q, it)
                 return None
             items.append(item)
-        return self._lease(t, items)
+        return items
 
-    def _push_front(self, t: _Task, item: int) -> None:
-        t.queued.add(item)
+    def _try_take(self, t: _Task, q: _Queue, n: int) -> list[int] | None:
+        if q.waiters:  # first come, first served: don't overtake a waiting consumer
+            return None
+        items = self._take(t, q, n)
+        return None if items is None else self._lease(t, items)
+
+    def _push_front(self, t: _Task, q: _Queue, item: int) -> None:
+        q.queued.add(item)
         if t.policy == "freshest":
             ver = self._item_version(t, item)
-            heapq.heappush(t.heap, (-ver, next(self._seq), item))
+            heapq.heappush(q.heap, (-ver, next(self._seq), item))
         else:
-            t.ready.appendleft(item)
+            q.ready.appendleft(item)
 
     def _item_version(self, t: _Task, item: int) -> int:
         if t.groups:
@@ -580,31 +617,27 @@ class SampleIndex:
             if item in seen or not self._valid(t, item):
                 continue
             seen.add(item)
-            if item in t.queued:
-                continue
-            self._push_front(t, item)
-        self._wake(t)
+            q = self._queue(t, self._key(t, item))
+            if item not in q.queued:
+                self._push_front(t, q, item)
+                self._touched.append((t, q))
+        self._wake_touched()
 
-    def _wake(self, t: _Task) -> None:
-        while t.waiters:
-            w = t.waiters[0]
+    def _wake_touched(self) -> None:
+        while self._touched:
+            t, q = self._touched.pop()
+            self._wake(t, q)
+
+    def _wake(self, t: _Task, q: _Queue) -> None:
+        while q.waiters:
+            w = q.waiters[0]
             if w.future.done():  # cancelled
-                t.waiters.popleft()
+                q.waiters.popleft()
                 continue
-            if len(t.queued) < w.n:
+            items = self._take(t, q, w.n)
+            if items is None:
                 return
-            t.waiters.popleft()
-            items: list[int] = []
-            while len(items) < w.n:
-                item = self._pop(t)
-                if item is None:
-                    break
-                items.append(item)
-            if len(items) < w.n:
-                for it in reversed(items):
-                    self._push_front(t, it)
-                t.waiters.appendleft(w)
-                return
+            q.waiters.popleft()
             w.future.set_result(self._lease(t, items))
 
     def _meta(self, t: _Task, rows: list[int]) -> BatchMeta:

@@ -247,3 +247,23 @@ async def test_million_rows_resident_get_is_constant_time() -> None:
     assert b.rows == list(range(256))
     idx.ack("train", b.rows)
     assert len(idx) == n - 256
+
+
+async def test_partitioned_task_takes_only_its_partition() -> None:
+    idx = SampleIndex()
+    idx.register_task("train", ["x"], groups=True, partition="step")
+    g0 = idx.add_group(2, [{"step": 0}] * 2)
+    g1 = idx.add_group(2, [{"step": 1}] * 2)
+    idx.mark_ready(g1, "x", "u")  # step 1 is ready first
+    assert idx.try_get_batch("train", 1, partition=0) is None
+    waiter = asyncio.create_task(idx.get_batch("train", 1, partition=0))
+    await asyncio.sleep(0)
+    b1 = idx.try_get_batch("train", 1, partition=1)  # not blocked by step 0's waiter
+    assert b1 is not None and b1.rows == g1
+    idx.mark_ready(g0, "x", "u")
+    b0 = await asyncio.wait_for(waiter, 1)
+    assert b0.rows == g0
+    plain = SampleIndex()
+    plain.register_task("other", ["x"])
+    with pytest.raises(ValueError, match="not partitioned"):
+        plain.try_get_batch("other", 1, partition=3)
