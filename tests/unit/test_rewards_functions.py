@@ -163,3 +163,16 @@ async def test_in_process_verifier_and_failures() -> None:
     assert timed_out.policy is FailurePolicy.ZERO
     raised = await RewardScorer(raises, isolate=False, timeout_s=0.5).score("p", "r", "a")
     assert raised.failed and raised.error == "RuntimeError: bad"
+
+
+async def test_cancelled_call_replaces_the_worker(user_module: str) -> None:
+    async with RewardScorer(f"{user_module}:spins_on_x", timeout_s=30.0) as scorer:
+        task = asyncio.create_task(scorer.score("p", "x", "a"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        t0 = time.perf_counter()
+        after = await scorer.score("p", "y", "a")  # a fresh worker, not the spinning one
+        assert after.score == 0.5 and not after.failed
+        assert time.perf_counter() - t0 < 10
