@@ -53,3 +53,14 @@ def test_normalize_answer() -> None:
     assert normalize_answer("-0.0") == "0"
     assert normalize_answer("x + 1") == "x + 1"
     assert extract_answer("nothing") is None
+
+
+def test_reward_modules_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, asyncflow.rewards.math, asyncflow.rewards.functions; "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
