@@ -59,11 +59,14 @@ def sample_tokens(
     logits = logits.float()
     temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
     logp = torch.log_softmax(_truncate(logits / temps[:, None], rows), dim=-1)  # (B, V)
-    tokens = torch.empty(len(rows), dtype=torch.long)
+    tokens = logits.argmax(dim=-1)  # (B,) greedy rows keep these
+    shared = [i for i, r in enumerate(rows) if r.temperature > 0 and r.seed is None]
+    if shared:  # one draw for every row on the engine's generator
+        index = torch.tensor(shared)
+        draws = torch.multinomial(logp[index].exp(), 1, generator=generators[shared[0]])
+        tokens[index] = draws[:, 0]
     for i, (row, gen) in enumerate(zip(rows, generators)):
-        if row.temperature <= 0:
-            tokens[i] = int(torch.argmax(logits[i]))
-        else:
+        if row.temperature > 0 and row.seed is not None:  # a seeded row: its own generator
             tokens[i] = int(torch.multinomial(logp[i].exp(), 1, generator=gen))
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
