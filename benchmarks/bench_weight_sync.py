@@ -134,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--receivers", type=int, default=1)
     parser.add_argument("--bucket-mb", type=float, default=128)
+    parser.add_argument("--direct-mb", type=float, default=1.0, help="<= 0: pack everything")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm"])
     args = parser.parse_args()
@@ -149,7 +150,10 @@ def main() -> None:
     for proc in procs:
         proc.start()
     bucket_bytes = int(args.bucket_mb * (1 << 20))
-    sender = WeightSender("127.0.0.1", port, world, bucket_bytes=bucket_bytes, timeout_s=300)
+    direct = int(args.direct_mb * (1 << 20)) if args.direct_mb > 0 else None
+    sender = WeightSender(
+        "127.0.0.1", port, world, bucket_bytes=bucket_bytes, direct_bytes=direct, timeout_s=300
+    )
     sender.connect()
     print(f"gloo on loopback, {args.receivers} receiver(s), buckets of {args.bucket_mb} MiB")
     builders = {"tiny": tiny_weights, "smollm": smollm_weights}

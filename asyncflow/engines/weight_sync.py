@@ -121,13 +121,19 @@ class _BufferPool:
         return buffer
 
 
-def plan_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Bucket]:
-    """Group tensors per dtype into buckets of at most ``bucket_bytes`` (a larger one alone)."""
+def plan_buckets(
+    tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int, direct_bytes: int | None = None
+) -> list[Bucket]:
+    """Group tensors per dtype into buckets of at most ``bucket_bytes``; a tensor larger than
+    that, or of at least ``direct_bytes``, gets a bucket of its own (sent without packing)."""
     open_buckets: dict[torch.dtype, Bucket] = {}
     buckets: list[Bucket] = []
     for name, tensor in tensors:
-        bucket = open_buckets.get(tensor.dtype)
         numel = tensor.numel()
+        if direct_bytes is not None and numel * tensor.element_size() >= direct_bytes:
+            buckets.append(Bucket(str(tensor.dtype), numel, [(name, list(tensor.shape), 0)]))
+            continue
+        bucket = open_buckets.get(tensor.dtype)
         if bucket is not None and (bucket.numel + numel) * tensor.element_size() > bucket_bytes:
             buckets.append(open_buckets.pop(tensor.dtype))
             bucket = None
@@ -196,14 +202,17 @@ class WeightSender:
         *,
         backend: str = "gloo",
         bucket_bytes: int = 128 << 20,
+        direct_bytes: int | None = 1 << 20,
         inflight: int = 2,
         timeout_s: float = 60.0,
         device: str | None = None,
     ) -> None:
-        """``world_size`` = 1 + number of receivers. ``device`` holds the buckets (default:
-        CUDA for NCCL, CPU for gloo)."""
+        """``world_size`` = 1 + number of receivers. Tensors of at least ``direct_bytes`` are
+        broadcast as they are (no packing copy; None packs everything that fits a bucket).
+        ``device`` holds the buckets (default: CUDA for NCCL, CPU for gloo)."""
         self._channel = _Channel(host, port, 0, world_size, backend, timeout_s, device)
         self._bucket_bytes = bucket_bytes
+        self._direct_bytes = direct_bytes
         self._inflight = max(1, inflight)
         self._pool = _BufferPool()
 
@@ -220,7 +229,7 @@ class WeightSender:
         start = time.perf_counter()
         tensors = [(name, t.detach()) for name, t in weights]
         by_name = dict(tensors)
-        buckets = plan_buckets(tensors, self._bucket_bytes)
+        buckets = plan_buckets(tensors, self._bucket_bytes, self._direct_bytes)
         body = {"version": version, "buckets": [b.to_json() for b in buckets]}
         manifest = json.dumps(body).encode()
         self._send_bytes(manifest)
