@@ -33,6 +33,12 @@ class PolicyObjective:
 
     config: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     report_entropy: bool = True  # compute the entropy for metrics even without a bonus
+    #: the proximal ("old") policy of the PPO ratio when no ``old_logprobs`` column is given:
+    #: "current" = the trainer's own weights before this step (detached; with one optimizer step
+    #: per batch that is exact, costs no extra forward, and lets the truncated importance weight
+    #: exp(old - behaviour) correct for staleness -- decoupled PPO), or "behaviour" = the
+    #: rollout engine's log-probs (classic PPO; the importance weight is then always 1).
+    old_policy: str = "current"
 
     @property
     def needs_entropy(self) -> bool:
@@ -52,7 +58,9 @@ class PolicyObjective:
         if ADVANTAGES not in cols:
             raise ValueError(f"policy loss needs the '{ADVANTAGES}' column")
         behaviour = cols.get(ROLLOUT_LOGPROBS)
-        old = cols.get(OLD_LOGPROBS, behaviour)
+        old = cols.get(OLD_LOGPROBS)
+        if old is None:
+            old = behaviour if self.old_policy == "behaviour" else None
         if old is None:
             old = logprobs.detach()
         ref = cols.get(REF_LOGPROBS)

@@ -65,16 +65,20 @@ class WorkerHandle:
             )
         return self._session
 
-    async def call(self, path: str, body: Mapping[str, Any] | None = None,
-                   *, timeout: float = 600.0) -> dict[str, Any]:
+    async def call(
+        self, path: str, body: Mapping[str, Any] | None = None, *, timeout: float = 600.0
+    ) -> dict[str, Any]:
         """POST JSON to the worker; raise :class:`WorkerError` on anything but a 200."""
         try:
             async with asyncio.timeout(timeout):
                 async with self.session().post(self.url + path, json=body or {}) as resp:
                     data = await resp.read()
                     if resp.status != 200:
-                        raise WorkerError(self.name, f"{path}: HTTP {resp.status}: "
-                                          f"{data[:800].decode(errors='replace')}", resp.status)
+                        raise WorkerError(
+                            self.name,
+                            f"{path}: HTTP {resp.status}: {data[:800].decode(errors='replace')}",
+                            resp.status,
+                        )
                     out: dict[str, Any] = json.loads(data)
                     return out
         except TimeoutError:
@@ -124,8 +128,21 @@ async def spawn_worker(
     start_timeout: float = 600.0,
 ) -> WorkerHandle:
     """Start a worker process and wait for its ready line."""
-    cmd = [sys.executable, "-m", "asyncflow.workers", "--role", role, "--name", name,
-           "--host", host, "--port", "0", "--settings", json.dumps(dict(settings or {}))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asyncflow.workers",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--settings",
+        json.dumps(dict(settings or {})),
+    ]
     full_env = {**os.environ, **(env or {}), "ASYNCFLOW_TOKEN": token}
     log_path = None
     stderr: Any = None
@@ -134,7 +151,10 @@ async def spawn_worker(
         log_path = log_dir / f"{name}.log"
         stderr = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - the child owns it
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=full_env,
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=full_env,
         preexec_fn=_die_with_parent,
     )
     if stderr is not None:
@@ -156,8 +176,7 @@ async def _ready_line(proc: asyncio.subprocess.Process, name: str) -> dict[str, 
         line = await proc.stdout.readline()
         if not line:
             code = await proc.wait()
-            raise WorkerError(name, f"exited with code {code} before it was ready "
-                              "(see its log)")
+            raise WorkerError(name, f"exited with code {code} before it was ready (see its log)")
         try:
             msg = json.loads(line)
         except json.JSONDecodeError:

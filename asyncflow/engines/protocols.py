@@ -51,9 +51,7 @@ class RolloutEngine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def load_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor]], version: int
-    ) -> None:
+    async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Load new weights in place (between engine steps) and serve ``version`` from now on."""
         ...
 
@@ -135,4 +133,3 @@ __all__ = [
     "TrainBatch",
     "TrainingEngine",
 ]
-

@@ -369,6 +369,75 @@ class TorchEngineBase:
         )
         return result
 
+    # --- streaming: micro-batches arrive one by one -----------------------------------------
+    def begin_step(self, ctx: LossContext) -> None:
+        """Start an optimizer step whose micro-batches will arrive one at a time (streaming).
+
+        ``ctx`` must be known up front: streaming callers use a fixed normaliser (e.g. rows per
+        step x max new tokens) since the step's token count is unknown until its last row."""
+        if self.optimizer is None:
+            raise RuntimeError("this engine was built with trainable=False")
+        self.optimizer.zero_grad(set_to_none=True)
+        self._stream: tuple[LossContext, list[float], list[tuple[float, dict[str, float]]]] = (
+            ctx,
+            [],
+            [],
+        )
+
+    def accumulate(self, micro_batch: TrainBatch, loss_fn: object) -> dict[str, float]:
+        """Forward/backward one micro-batch of the step begun by :meth:`begin_step`. Gradients
+        stay local (no DDP communication) until :meth:`finish_step` sums them over ranks."""
+        stream = getattr(self, "_stream", None)
+        if stream is None:
+            raise RuntimeError("accumulate() before begin_step()")
+        if not isinstance(loss_fn, LossFn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, batch, ctx)")
+        ctx, losses, records = stream
+        needs_entropy = bool(getattr(loss_fn, "needs_entropy", False))
+        entropy_grad = bool(getattr(loss_fn, "entropy_grad", needs_entropy))
+        mb = self._to_device(micro_batch)
+        outputs = self._outputs(self.module, mb, needs_entropy, entropy_grad)
+        loss, metrics = loss_fn(outputs, mb, ctx)
+        loss.backward()  # each micro-batch loss is its share of the global loss: grads sum
+        losses.append(float(loss.detach().item()))
+        records.append((float(mb.loss_mask.sum().item()), metrics))
+        return {"loss": losses[-1], **metrics}
+
+    def finish_step(self) -> dict[str, float]:
+        """Sum gradients over ranks (every rank must call this), clip, step, report."""
+        stream = getattr(self, "_stream", None)
+        if stream is None:
+            raise RuntimeError("finish_step() before begin_step()")
+        _, losses, records = stream
+        del self._stream
+        if self.world_size > 1:
+            self._sum_gradients()
+        grad_norm, skipped = self._optimizer_step()
+        result = self._reduce_metrics(records) if self.world_size > 1 or records else {}
+        result.update(
+            loss=self._all_reduce([sum(losses)])[0],
+            grad_norm=grad_norm,
+            lr=self._last_lr,
+            tokens=self._all_reduce([sum(w for w, _ in records)])[0],
+            step=float(self._step),
+            skipped=float(skipped),
+            micro_batches=float(len(records)),
+        )
+        return result
+
+    def _sum_gradients(self) -> None:
+        params = [p for _, p in self._named_trainable()]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
+
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, step (unless the gradient is not finite) and advance the schedule."""
         assert self.optimizer is not None

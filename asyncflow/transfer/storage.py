@@ -125,14 +125,18 @@ class StorageUnit:
 
 
 def _adjacent(ts: list[torch.Tensor]) -> torch.Tensor | None:
-    """If the tensors lie back to back in one storage, a flat view over all of them."""
-    first = ts[0]
-    if not all(t.is_contiguous() for t in ts):
-        return None
+    """If the tensors lie back to back in one storage, a flat view over all of them.
+
+    Only integer pointer checks per row (this runs on every get): the first and the last row
+    must share a storage, and every row must start where the previous one ended; storages never
+    overlap, so everything in between lies in that same storage."""
+    first, last = ts[0], ts[-1]
     storage = first.untyped_storage()
+    if last.untyped_storage().data_ptr() != storage.data_ptr():
+        return None
     ptr = first.data_ptr()
     for t in ts:
-        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.data_ptr() != ptr:
+        if t.data_ptr() != ptr or not t.is_contiguous():
             return None
         ptr += t.nbytes
     total = sum(t.numel() for t in ts)

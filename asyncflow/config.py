@@ -1,0 +1,243 @@
+"""The typed, validated config tree of a run (pydantic v2; imports no torch).
+
+One tree for everything: a YAML preset from ``configs/`` plus dotted overrides from the command
+line (``actor.lr=1e-5``). Every model forbids unknown keys, so a typo fails at start-up with the
+full path of the key and what was expected, not halfway through a run.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "tiny-grpo"
+    output_dir: str = "runs"  #: the run directory is ``output_dir/name``
+    seed: int = 0
+    token: str | None = None  #: shared secret of the run's HTTP endpoints (default: random)
+    host: str = "127.0.0.1"  #: the address spawned workers bind to
+    progress: bool = True  #: show a progress bar (tqdm) on a terminal
+    metrics_port: int | None = None  #: serve Prometheus /metrics on localhost at this port
+
+
+class ModelConfig(_Section):
+    #: a transformers folder, or ``builtin:tiny-adder`` (the shipped tiny model)
+    path: str = "builtin:tiny-adder"
+    max_model_len: int = Field(128, ge=8)
+
+
+class DataConfig(_Section):
+    #: ``builtin:arithmetic`` (generated from the seed), or a ``.jsonl`` / ``.parquet`` file
+    source: str = "builtin:arithmetic"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    train_size: int = Field(20_000, ge=1)  #: problems drawn for the built-in task
+    on_bad_row: Literal["error", "skip"] = "skip"
+    max_prompt_chars: int = Field(4096, ge=1)
+    shuffle: bool = True
+
+
+class EvalConfig(_Section):
+    every: int = Field(10, ge=0)  #: evaluate every N steps (0: only at start and end)
+    size: int = Field(256, ge=1)  #: held-out problems, greedy decoding
+    source: str | None = None  #: a jsonl/parquet eval file (default: the built-in eval split)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo", "ppo"] = "grpo"
+    steps: int = Field(60, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)  #: GRPO group size (1 is usual for PPO)
+    #: bounded staleness: rollout for step s uses a policy of version >= s - k
+    staleness: int = Field(1, ge=0)
+    #: stream micro-batches to the trainer as they become ready (False: whole step at once)
+    streaming: bool = True
+    micro_batch_groups: int = Field(2, ge=1)  #: groups per streamed micro-batch
+    normalize_std: bool = True  #: GRPO: divide by the group's reward std
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    importance_mode: Literal["none", "truncate", "mask"] = "truncate"
+    importance_cap: float = Field(2.0, gt=0)
+    kl_coef: float = Field(0.0, ge=0)  #: KL penalty to the reference (0: no reference worker)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    gamma: float = Field(1.0, ge=0, le=1)  #: PPO/GAE
+    lam: float = Field(0.95, ge=0, le=1)  #: PPO/GAE
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmConfig:
+        if self.name == "grpo" and self.samples_per_prompt < 2:
+            raise ValueError("GRPO needs samples_per_prompt >= 2 (it normalises within a group)")
+        return self
+
+
+class VLLMConfig(_Section):
+    dtype: str = "float32"
+    cpu_kvcache_space_gib: int = Field(1, ge=1)
+    cpu_threads_bind: str | None = None  #: e.g. "0-1" to use two cores on the CPU build
+    gpu_memory_utilization: float = Field(0.25, gt=0, le=1)
+    max_num_seqs: int = Field(256, ge=1)
+    enforce_eager: bool = True
+
+
+class RolloutConfig(_Section):
+    engine: Literal["vllm", "transformers"] = "vllm"
+    workers: int = Field(1, ge=1)
+    urls: list[str] = Field(default_factory=list)  #: attach to running workers instead
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_new_tokens: int = Field(32, ge=1)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class RewardConfig(_Section):
+    #: ``builtin:arithmetic``, ``builtin:math``, or ``module:function``
+    function: str = "builtin:arithmetic"
+    workers: int = Field(1, ge=1)
+    urls: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(5.0, gt=0)
+    on_failure: Literal["zero", "regenerate"] = "zero"
+
+
+class TrainerConfig(_Section):
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = Field(0, ge=0)
+    workers: int = Field(1, ge=1)  #: data-parallel ranks (torch.distributed, gloo/NCCL)
+    urls: list[str] = Field(default_factory=list)
+    threads: int | None = None  #: torch threads per trainer process (default: torch's)
+
+
+class SyncConfig(_Section):
+    bucket_mb: int = Field(128, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(120.0, gt=0)
+    port: int = Field(0, ge=0)  #: rendezvous port of the sync group (0: pick a free one)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0)  #: save every N steps (0: only at the end)
+    keep: int = Field(2, ge=1)
+
+
+class WorkerTimeouts(_Section):
+    start_s: float = Field(600.0, gt=0)
+    request_s: float = Field(600.0, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0)
+    retries: int = Field(2, ge=0)
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    actor: TrainerConfig = Field(default_factory=TrainerConfig)
+    critic: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-4))
+    reference: TrainerConfig = Field(default_factory=TrainerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    workers: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.algorithm.prompts_per_step * self.algorithm.samples_per_prompt
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def with_token(self) -> Config:
+        if self.run.token:
+            return self
+        return self.model_copy(
+            update={"run": self.run.model_copy(update={"token": secrets.token_hex(16)})}
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the tree; the message names the key."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML: numbers, bools, lists...)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return path, value
+
+
+def _set(tree: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the config from an optional YAML preset and dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top")
+        tree = loaded or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set(tree, keys, value, item)
+    return from_tree(tree)
+
+
+def from_tree(tree: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(dict(tree))
+    except ValidationError as e:
+        raise ConfigError(describe(e)) from None
+
+
+def describe(e: ValidationError) -> str:
+    lines = ["invalid config:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = json.dumps(err.get("input"), default=str)[:80]
+            lines.append(f"  {key}: {err['msg']} (got {got})")
+    return "\n".join(lines)

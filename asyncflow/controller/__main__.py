@@ -1,0 +1,59 @@
+"""``python -m asyncflow.controller [--config configs/X.yaml] [key.sub=value ...]``.
+
+With no argument it runs the default: GRPO on the built-in arithmetic task with the built-in
+tiny model, workers spawned locally, progress on the terminal, metrics in ``runs/tiny-grpo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from asyncflow.config import ConfigError, load_config
+from asyncflow.controller.controller import Controller
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m asyncflow.controller",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="a YAML preset (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-5")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_json(), indent=2))
+        return 0
+    if not sys.stderr.isatty():
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"progress": False})})
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        summary = runner(Controller(cfg).run())
+    except KeyboardInterrupt:
+        print("interrupted; workers stopped", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

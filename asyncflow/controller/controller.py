@@ -1,0 +1,421 @@
+"""The controller: one asyncio process that starts the workers and drives the stage loops.
+
+``await Controller(config).run()`` works in any running event loop (a notebook included);
+``python -m asyncflow.controller`` wraps it in uvloop. It owns:
+
+- the worker processes (spawned locally, or attached by URL) and their shutdown -- on success,
+  error, cancellation or KeyboardInterrupt no spawned worker survives (they also die with the
+  controller process itself, even on SIGKILL);
+- the :class:`~asyncflow.transfer.index.SampleIndex` (metadata only: tensors move between
+  workers, never through here);
+- the training loop: per step, stream the step's micro-batches to the trainer ranks, one
+  optimizer step, then a weight sync that bumps the served policy version and so admits the
+  next step (see :mod:`asyncflow.controller.stages` for the loop table);
+- evaluation, metrics, checkpoints and the run summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from asyncflow.config import Config, from_tree
+from asyncflow.controller.loader import PromptLoader
+from asyncflow.controller.metrics import RunLog, StepStats, busy_by_worker, mean
+from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
+from asyncflow.controller.progress import Progress
+from asyncflow.controller.stages import Pipeline, cancel_all, register_tasks, stage_specs
+from asyncflow.tasks.sources import train_source
+from asyncflow.transfer.index import SampleIndex
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Controller:
+    """Runs one training job described by a :class:`~asyncflow.config.Config`."""
+
+    def __init__(self, config: Config | Mapping[str, Any] | None = None) -> None:
+        if config is None:
+            config = Config()
+        elif not isinstance(config, Config):
+            config = from_tree(config)
+        self.cfg = config.with_token()
+        self.workers: dict[str, list[WorkerHandle]] = {}
+        self.index = SampleIndex(self._free)
+        self.pipeline: Pipeline | None = None
+        self.summary: dict[str, Any] = {}
+        self._stop = asyncio.Event()
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> dict[str, Any]:
+        """Start workers, train ``algorithm.steps`` steps, stop workers; returns the summary."""
+        cfg = self.cfg
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+        log = RunLog(run_dir)
+        progress = Progress(cfg.algorithm.steps, enabled=cfg.run.progress)
+        try:
+            progress.note("starting workers")
+            await self._start_workers(run_dir)
+            source = train_source(cfg.data.model_dump(), cfg.run.seed)
+            loader = PromptLoader(len(source), cfg.run.seed, cfg.data.shuffle)
+            register_tasks(self.index, cfg)
+            self.pipeline = Pipeline(cfg, self.index, self.workers, loader, log)
+            progress.note("connecting weight sync")
+            await self._init_sync()
+            await self._evaluate(0, log)
+            await self._train(log, progress)
+            await self._evaluate(cfg.algorithm.steps, log)
+            await self._checkpoint(cfg.algorithm.steps, final=True)
+            self.summary = self._summarize(log)
+            (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            return self.summary
+        finally:
+            progress.close()
+            await cancel_all(list(self._bg))
+            await self._stop_workers()
+            log.close()
+
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to finish after the current step."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ workers
+    def _settings(self) -> dict[str, dict[str, Any]]:
+        c = self.cfg
+        common = {"model": c.model.path, "seed": c.run.seed}
+        data = c.data.model_dump()
+        trainer = {"temperature": c.rollout.temperature or 1.0}
+        loss = {
+            "clip_low": c.algorithm.clip_low,
+            "clip_high": c.algorithm.clip_high,
+            "importance_mode": c.algorithm.importance_mode,
+            "importance_cap": c.algorithm.importance_cap,
+            "kl_coef": c.algorithm.kl_coef,
+            "kl_estimator": c.algorithm.kl_estimator,
+            "entropy_coef": c.algorithm.entropy_coef,
+        }
+        return {
+            "rollout": {
+                **common,
+                "engine": c.rollout.engine,
+                "vllm": c.rollout.vllm.model_dump(),
+                "max_model_len": c.model.max_model_len,
+                "data": data,
+                "eval": c.eval.model_dump(),
+                "sampling": {
+                    "max_new_tokens": c.rollout.max_new_tokens,
+                    "temperature": c.rollout.temperature,
+                    "top_p": c.rollout.top_p,
+                    "top_k": c.rollout.top_k,
+                },
+            },
+            "reward": {
+                **common,
+                "data": data,
+                "function": c.reward.function,
+                "timeout_s": c.reward.timeout_s,
+                "on_failure": c.reward.on_failure,
+                "normalize_std": c.algorithm.normalize_std,
+            },
+            "actor": {
+                **common,
+                **trainer,
+                **c.actor.model_dump(exclude={"urls", "workers"}),
+                "loss": loss,
+            },
+            "reference": {**common, **trainer, "threads": c.reference.threads},
+            "critic": {
+                **common,
+                **trainer,
+                **c.critic.model_dump(exclude={"urls", "workers"}),
+                "gamma": c.algorithm.gamma,
+                "lam": c.algorithm.lam,
+            },
+        }
+
+    def _roles(self) -> dict[str, tuple[int, list[str]]]:
+        c = self.cfg
+        roles = {
+            "rollout": (c.rollout.workers, c.rollout.urls),
+            "reward": (c.reward.workers, c.reward.urls),
+            "actor": (c.actor.workers, c.actor.urls),
+        }
+        if c.algorithm.kl_coef > 0:
+            roles["reference"] = (c.reference.workers, c.reference.urls)
+        if c.algorithm.name == "ppo":
+            roles["critic"] = (c.critic.workers, c.critic.urls)
+        return roles
+
+    async def _start_workers(self, run_dir: Path) -> None:
+        settings = self._settings()
+        token = self.cfg.run.token or ""
+        jobs: list[tuple[str, Any]] = []
+        for role, (n, urls) in self._roles().items():
+            if urls:
+                jobs += [
+                    (role, attach_worker(role, f"{role}{i}", u, token)) for i, u in enumerate(urls)
+                ]
+                continue
+            port = free_port(self.cfg.run.host)
+            for i in range(n):
+                s = dict(settings[role])
+                if role in ("actor", "critic") and n > 1:
+                    s["distributed"] = {
+                        "rank": i,
+                        "world_size": n,
+                        "master_addr": self.cfg.run.host,
+                        "master_port": port,
+                    }
+                jobs.append(
+                    (
+                        role,
+                        spawn_worker(
+                            role,
+                            f"{role}{i}",
+                            token,
+                            s,
+                            host=self.cfg.run.host,
+                            log_dir=run_dir / "logs",
+                            start_timeout=self.cfg.workers.start_s,
+                        ),
+                    )
+                )
+        results = await asyncio.gather(*(j for _, j in jobs), return_exceptions=True)
+        for (role, _), h in zip(jobs, results):
+            if isinstance(h, WorkerHandle):
+                self.workers.setdefault(role, []).append(h)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _stop_workers(self) -> None:
+        handles = [h for hs in self.workers.values() for h in hs]
+        await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
+
+    def _free(self, by_unit: dict[str, list[int]]) -> None:
+        """Index callback: rows every task consumed; tell their storage units to drop them."""
+        for unit, rows in by_unit.items():
+            handle = next((h for hs in self.workers.values() for h in hs if h.unit == unit), None)
+            if handle is None:
+                continue  # "dataset": prompts live in the dataset, nothing to free
+            task = asyncio.get_running_loop().create_task(
+                handle.call("/v1/storage/free", {"rows": rows}, timeout=60)
+            )
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    async def _init_sync(self) -> None:
+        rollouts = self.workers["rollout"]
+        actor = self.workers["actor"][0]
+        backend = self.cfg.sync.backend
+        if backend == "auto":
+            backend = "gloo"  # the CPU build; GPU runs set sync.backend=nccl
+        port = self.cfg.sync.port or free_port(self.cfg.run.host)
+        params = {
+            "host": self.cfg.run.host,
+            "port": port,
+            "world_size": 1 + len(rollouts),
+            "backend": backend,
+            "timeout_s": self.cfg.sync.timeout_s,
+            "bucket_mb": self.cfg.sync.bucket_mb,
+        }
+        assert self.pipeline is not None
+        await asyncio.gather(
+            self.pipeline.call(actor, "sync_init", params=params),
+            *(
+                self.pipeline.call(w, "sync_init", params={**params, "rank": i + 1})
+                for i, w in enumerate(rollouts)
+            ),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    async def _train(self, log: RunLog, progress: Progress) -> None:
+        p = self.pipeline
+        assert p is not None
+        cfg = self.cfg
+        loops: list[asyncio.Task[None]] = []
+        slots = max(cfg.algorithm.prompts_per_step, 1)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                loops.append(tg.create_task(p.admit_loop(0, cfg.algorithm.steps), name="admit"))
+                for spec in stage_specs(cfg):
+                    n_slots = slots if cfg.algorithm.streaming else 1
+                    for w in self.workers[spec.role]:
+                        for j in range(n_slots):
+                            loops.append(
+                                tg.create_task(
+                                    p.stage_loop(spec, w), name=f"{spec.task}-{w.name}-{j}"
+                                )
+                            )
+                driver = tg.create_task(self._steps(log, progress), name="train")
+                driver.add_done_callback(lambda _t: [t.cancel() for t in loops])
+        except BaseExceptionGroup as eg:
+            real = [e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)]
+            if len(real) == 1:
+                raise real[0] from None
+            raise
+
+    async def _steps(self, log: RunLog, progress: Progress) -> None:
+        p = self.pipeline
+        assert p is not None
+        cfg = self.cfg
+        actor_cols = ["rollout_logprobs", "advantages"]
+        if cfg.algorithm.kl_coef > 0:
+            actor_cols.append("ref_logprobs")
+        progress.note("training")
+        for step in range(cfg.algorithm.steps):
+            jobs = [p.train_step(step, "actor", "train", actor_cols)]
+            if cfg.algorithm.name == "ppo":
+                jobs.append(p.train_step(step, "critic", "critic_train", ["values", "returns"]))
+            outs = await asyncio.gather(*jobs)
+            version = int(outs[0][0]["version"])
+            sync = await p.sync_weights(version)
+            record = self._step_record(step, outs, sync, log)
+            if (
+                cfg.eval.every
+                and (step + 1) % cfg.eval.every == 0
+                and step + 1 < cfg.algorithm.steps
+            ):
+                record.update(await self._evaluate(step + 1, log))
+            log.metrics(record)
+            progress.update(record)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                await self._checkpoint(step + 1)
+            if self._stop.is_set():
+                break
+
+    def _step_record(
+        self, step: int, outs: list[list[dict[str, Any]]], sync: dict[str, Any], log: RunLog
+    ) -> dict[str, Any]:
+        p = self.pipeline
+        assert p is not None
+        st = p.stats.pop(step, StepStats(step, log.now()))
+        now = log.now()
+        prev_end = getattr(self, "_last_step_end", 0.0)
+        self._last_step_end = now
+        wall = max(now - prev_end, 1e-9)
+        actor = outs[0][0]["metrics"]
+        lags = dict(sorted(st.lags.items()))
+        busy = busy_by_worker(log.spans, prev_end, now)
+        names = [h.name for hs in self.workers.values() for h in hs]
+        rec: dict[str, Any] = {
+            "step": step,
+            "version": int(outs[0][0]["version"]),
+            "time_s": now,
+            "step_time_s": wall,
+            "reward_mean": mean(st.rewards),
+            "accuracy": mean([1.0 if r > 0 else 0.0 for r in st.rewards]),
+            "samples": st.samples,
+            "response_tokens": st.response_tokens,
+            "samples_per_s": st.samples / wall,
+            "tokens_per_s": st.response_tokens / wall,
+            "staleness_hist": {str(k): v for k, v in lags.items()},
+            "staleness_mean": (sum(k * v for k, v in lags.items()) / max(sum(lags.values()), 1)),
+            "staleness_max": max(lags, default=0),
+            "sync_s": sync["sync_s"],
+            "idle_frac": {n: round(1.0 - min(busy.get(n, 0.0) / wall, 1.0), 4) for n in names},
+        }
+        for k in (
+            "loss",
+            "pg_loss",
+            "kl_loss",
+            "entropy",
+            "grad_norm",
+            "clip_frac",
+            "approx_kl_behaviour",
+            "tis_weight_mean",
+            "tis_weight_max",
+            "tis_weight_min",
+            "tis_truncated_frac",
+            "ratio_mean",
+            "lr",
+        ):
+            if k in actor:
+                rec[k] = actor[k]
+        if len(outs) > 1:
+            rec["value_loss"] = outs[1][0]["metrics"].get("loss")
+        rec["stage_time_s"] = _stage_times(log, prev_end, now)
+        rec["reward_failures"] = len(p.failures)
+        return rec
+
+    # ------------------------------------------------------------------ eval and checkpoints
+    async def _evaluate(self, step: int, log: RunLog) -> dict[str, Any]:
+        p = self.pipeline
+        assert p is not None
+        t0 = time.monotonic()
+        out = await p.call(
+            self.workers["rollout"][0],
+            "evaluate",
+            params={"reward": self.cfg.reward.function, "timeout_s": self.cfg.reward.timeout_s},
+        )
+        m = out["metrics"]
+        rec = {
+            "event": "eval",
+            "step": step,
+            "eval_accuracy": m["accuracy"],
+            "eval_mean_reward": m["mean_reward"],
+            "eval_n": m["n"],
+            "eval_version": m["version"],
+            "eval_s": time.monotonic() - t0,
+        }
+        log.metrics(rec)
+        return {k: v for k, v in rec.items() if k.startswith("eval_")}
+
+    async def _checkpoint(self, step: int, final: bool = False) -> None:
+        p = self.pipeline
+        assert p is not None
+        if not final and not self.cfg.checkpoint.every:
+            return
+        path = (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()
+        await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
+        state = {"step": step, "version": p.version, "loader": p.loader.state()}
+        (path / "controller_state.json").write_text(json.dumps(state))
+
+    def _summarize(self, log: RunLog) -> dict[str, Any]:
+        lines = [
+            json.loads(x)
+            for x in (self.cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+            if x.strip()
+        ]
+        evals = [x for x in lines if x.get("event") == "eval"]
+        steps = [x for x in lines if "event" not in x]
+        total_samples = sum(x["samples"] for x in steps)
+        total_tokens = sum(x["response_tokens"] for x in steps)
+        train_time = sum(x["step_time_s"] for x in steps)
+        return {
+            "steps": len(steps),
+            "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
+            "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else None,
+            "reward_first": steps[0]["reward_mean"] if steps else None,
+            "reward_last": steps[-1]["reward_mean"] if steps else None,
+            "samples_per_s": total_samples / train_time if train_time else math.nan,
+            "tokens_per_s": total_tokens / train_time if train_time else math.nan,
+            "train_time_s": train_time,
+            "staleness_max": max((x["staleness_max"] for x in steps), default=0),
+            "reward_failures": steps[-1]["reward_failures"] if steps else 0,
+            "run_dir": str(self.cfg.run_dir),
+            "pid": os.getpid(),
+        }
+
+
+def _stage_times(log: RunLog, since: float, until: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in log.spans:
+        if s.end >= since and s.start <= until:
+            out[s.stage] = out.get(s.stage, 0.0) + (min(s.end, until) - max(s.start, since))
+    return {k: round(v, 4) for k, v in out.items()}

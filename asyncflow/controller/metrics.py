@@ -1,0 +1,124 @@
+"""What a run writes for people and plots: per-step JSONL metrics, per-sample records, spans.
+
+Files in the run directory:
+
+- ``metrics.jsonl``: one JSON object per training step (reward, accuracy, loss, KL, entropy,
+  staleness histogram, importance-weight stats, tokens/s, time per stage, idle fraction per
+  worker) plus ``{"event": "eval", ...}`` lines for held-out evaluations;
+- ``samples.jsonl``: one record per trained sample (step, row, group, dataset index, the policy
+  version that generated it, reward, length) -- exactly-once checks read this;
+- ``spans.jsonl``: one record per unit of work (worker, stage, rows, start, end, version) and per
+  weight sync, the raw material of the timeline (``python -m asyncflow.report``);
+- ``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+@dataclass(slots=True)
+class Span:
+    worker: str
+    stage: str
+    start: float
+    end: float
+    rows: int = 0
+    version: int = -1
+    step: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "stage": self.stage,
+            "start": round(self.start, 6),
+            "end": round(self.end, 6),
+            "rows": self.rows,
+            "version": self.version,
+            "step": self.step,
+        }
+
+
+@dataclass
+class StepStats:
+    """Accumulates what one training step saw, then becomes its JSONL line."""
+
+    step: int
+    started: float
+    rewards: list[float] = field(default_factory=list)
+    lags: Counter[int] = field(default_factory=Counter)
+    response_tokens: int = 0
+    samples: int = 0
+    train: list[dict[str, float]] = field(default_factory=list)
+
+
+class RunLog:
+    """Appends metrics, samples and spans to the run directory as the run goes."""
+
+    def __init__(self, run_dir: Path, t0: float | None = None) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = run_dir
+        self.t0 = time.monotonic() if t0 is None else t0
+        self._metrics: IO[str] = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._samples: IO[str] = open(run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._spans: IO[str] = open(run_dir / "spans.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.spans: list[Span] = []
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def span(self, span: Span) -> None:
+        self.spans.append(span)
+        self._spans.write(json.dumps(span.to_json()) + "\n")
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record, default=float) + "\n")
+        self._metrics.flush()
+        self._spans.flush()
+
+    def samples(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self._samples.write(json.dumps(r) + "\n")
+        self._samples.flush()
+
+    def close(self) -> None:
+        for f in (self._metrics, self._samples, self._spans):
+            f.close()
+
+
+def busy_by_worker(spans: list[Span], since: float, until: float) -> dict[str, float]:
+    """Seconds each worker spent inside spans, clipped to [since, until]; overlapping spans of
+    one worker (concurrent requests) count once."""
+    by: dict[str, list[tuple[float, float]]] = {}
+    for s in spans:
+        a, b = max(s.start, since), min(s.end, until)
+        if b > a and s.stage != "sync":
+            by.setdefault(s.worker, []).append((a, b))
+    out = {}
+    for w, iv in by.items():
+        iv.sort()
+        total, cur_a, cur_b = 0.0, iv[0][0], iv[0][1]
+        for a, b in iv[1:]:
+            if a > cur_b:
+                total += cur_b - cur_a
+                cur_a, cur_b = a, b
+            else:
+                cur_b = max(cur_b, b)
+        out[w] = total + cur_b - cur_a
+    return out
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def weighted(train: list[dict[str, float]], key: str) -> float:
+    """Token-weighted mean of a per-micro-batch metric."""
+    pairs = [(m.get("tokens", 1.0), m[key]) for m in train if key in m]
+    w = sum(p[0] for p in pairs)
+    return sum(a * b for a, b in pairs) / w if w else float("nan")

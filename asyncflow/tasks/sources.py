@@ -1,0 +1,71 @@
+"""Where a run's model and prompts come from, resolved the same way in every process.
+
+Workers load prompts themselves (the controller hands out only dataset indices), so the
+controller, the rollout workers and the reward workers must agree on the dataset: they all call
+:func:`train_source` / :func:`eval_source` with the same settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asyncflow.tasks.datasets import PromptSource, load_builtin, load_prompts
+
+BUILTIN_MODELS = ("builtin:tiny-adder",)
+BUILTIN_REWARDS = {
+    "builtin:arithmetic": "asyncflow.rewards.math:arithmetic_reward",
+    "builtin:math": "asyncflow.rewards.math:math_reward",
+}
+
+
+def resolve_model(path: str) -> Path:
+    """A transformers folder for ``path`` (``builtin:tiny-adder`` is the shipped tiny model)."""
+    if path == "builtin:tiny-adder":
+        from asyncflow.tasks.tiny_model import ensure_tiny_model
+
+        return ensure_tiny_model()
+    if path.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model {path!r}; known: {BUILTIN_MODELS}")
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model path {path!r} is not a transformers folder (no config.json)")
+    return p
+
+
+def reward_spec(function: str) -> tuple[str, bool]:
+    """(``module:function``, trusted) for a configured reward; built-ins run in-process."""
+    if function in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[function], True
+    if function.startswith("builtin:"):
+        raise ValueError(f"unknown built-in reward {function!r}; known: {list(BUILTIN_REWARDS)}")
+    return function, False
+
+
+def train_source(data: dict[str, Any], seed: int) -> PromptSource:
+    """The training prompts named by a ``data`` config section (as a dict)."""
+    src = data.get("source", "builtin:arithmetic")
+    if src == "builtin:arithmetic":
+        return load_builtin("train", int(data.get("train_size", 20_000)), seed)
+    return load_prompts(
+        src,
+        data.get("on_bad_row", "skip"),
+        prompt_field=data.get("prompt_field", "prompt"),
+        answer_field=data.get("answer_field", "answer"),
+        max_prompt_chars=int(data.get("max_prompt_chars", 4096)),
+    )
+
+
+def eval_source(data: dict[str, Any], eval_cfg: dict[str, Any], seed: int) -> PromptSource:
+    """Held-out prompts: an eval file, or the built-in task's disjoint eval split."""
+    src = eval_cfg.get("source")
+    if src:
+        return load_prompts(
+            src,
+            "skip",
+            prompt_field=data.get("prompt_field", "prompt"),
+            answer_field=data.get("answer_field", "answer"),
+        )
+    if data.get("source", "builtin:arithmetic") != "builtin:arithmetic":
+        raise ValueError("eval.source is required when data.source is not the built-in task")
+    return load_builtin("eval", int(eval_cfg.get("size", 256)), seed)

@@ -1,0 +1,111 @@
+"""The ``reward`` role: scores responses and turns group rewards into GRPO advantages.
+
+================  ===================================  ========================================
+op                consumes                             produces (in this unit)
+================  ===================================  ========================================
+``score``         ``response_ids`` (any unit); meta    ``reward`` float32 scalar per row; a
+                  ``index`` names the dataset answer   failed call (raised, timed out) scores 0
+                                                       and is reported, never crashes the worker
+``advantages``    whole groups' ``reward``             ``advantages`` float32 scalar per row
+                                                       (GRPO: group-normalised)
+================  ===================================  ========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from asyncflow.algorithms.advantages import grpo_advantages
+from asyncflow.rewards.functions import RewardScorer
+from asyncflow.tasks.sources import resolve_model, reward_spec, train_source
+from asyncflow.workers.server import Op, Produced, WorkRequest
+
+
+class RewardRole:
+    name = "reward"
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
+        self.train = train_source(self.settings.get("data", {}), int(self.settings.get("seed", 0)))
+        spec, trusted = reward_spec(self.settings.get("function", "builtin:arithmetic"))
+        self.scorer = RewardScorer(
+            spec,
+            timeout_s=float(self.settings.get("timeout_s", 5.0)),
+            isolate=not trusted,
+            num_workers=int(self.settings.get("processes", 2)),
+            failure_policy=self.settings.get("on_failure", "zero"),
+        )
+        self.normalize_std = bool(self.settings.get("normalize_std", True))
+        self.tokenizer: Any = None
+        self.scored = 0
+        self.failures = 0
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
+        await self.scorer.start()
+
+    def ops(self) -> Mapping[str, Op]:
+        return {"score": self.score, "advantages": self.advantages}
+
+    def info(self) -> dict[str, Any]:
+        return {"scored": self.scored, "failures": self.failures}
+
+    async def close(self) -> None:
+        await self.scorer.aclose()
+
+    async def score(self, req: WorkRequest) -> dict[str, Any]:
+        batch = req.batch
+        if batch is None:
+            raise ValueError("score needs a batch")
+        cols = await req.client.fetch(batch, ["response_ids"])
+        responses = cols["response_ids"].data.split()
+        texts = self.tokenizer.batch_decode(
+            [r.tolist() for r in responses], skip_special_tokens=True
+        )
+        rows = [self.train[int(m["index"])] for m in batch.meta]
+        results = await asyncio.gather(
+            *(self.scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
+        )
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
+        req.unit.put("reward", batch.rows, rewards)
+        failed = [(rid, r.error) for rid, r in zip(batch.rows, results) if r.failed]
+        self.scored += len(results)
+        self.failures += len(failed)
+        return {
+            "produced": {"reward": Produced([[]] * len(batch.rows), "float32").to_json()},
+            "metrics": {
+                "rewards": rewards.tolist(),
+                "failed": failed[:20],
+                "n_failed": len(failed),
+            },
+        }
+
+    async def advantages(self, req: WorkRequest) -> dict[str, Any]:
+        batch = req.batch
+        if batch is None:
+            raise ValueError("advantages needs a batch")
+        cols = await req.client.fetch(batch, ["reward"])
+        rewards = cols["reward"].stacked()  # (B,)
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(batch.groups):
+            by_group.setdefault(g, []).append(i)
+        sizes = {len(ix) for ix in by_group.values()}
+        adv = torch.empty_like(rewards)
+        if len(sizes) == 1:  # the common case: equal groups, one vectorised call
+            order = [i for ix in by_group.values() for i in ix]
+            grid = rewards[order].view(len(by_group), -1)  # (G, n)
+            adv[order] = grpo_advantages(grid, normalize_std=self.normalize_std).reshape(-1)
+        else:
+            for ix in by_group.values():
+                adv[ix] = grpo_advantages(
+                    rewards[ix].view(1, -1), normalize_std=self.normalize_std
+                ).reshape(-1)
+        req.unit.put("advantages", batch.rows, adv)
+        return {"produced": {"advantages": Produced([[]] * len(batch.rows), "float32").to_json()}}

@@ -1,0 +1,232 @@
+"""The ``rollout`` role: generates responses with a rollout engine and keeps them in its unit.
+
+=================  ===========================================  ==============================
+op                 consumes                                     produces (in this unit)
+=================  ===========================================  ==============================
+``generate``       whole groups; row meta ``index`` (dataset)   ``prompt_ids``, ``response_ids``,
+                                                                ``rollout_logprobs`` (ragged)
+``evaluate``       params: dataset ``indices`` of the eval set  accuracy (greedy), no tensors
+``sync_init``      params: rendezvous of the weight-sync group  --
+``sync_recv``      a weight update broadcast by the trainer     the engine serves its version
+=================  ===========================================  ==============================
+
+The engine (vLLM by default, transformers as the second adapter) is chosen by settings; this
+module only sees the :class:`~asyncflow.engines.protocols.RolloutEngine` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from asyncflow.engines.protocols import Completion, RolloutEngine, SamplingConfig
+from asyncflow.rewards.functions import RewardScorer
+from asyncflow.tasks.sources import eval_source, resolve_model, reward_spec, train_source
+from asyncflow.transfer.framing import dtype_name
+from asyncflow.transfer.storage import ColumnData
+from asyncflow.workers.server import Op, Produced, WorkRequest, log
+
+
+def make_engine(settings: Mapping[str, Any], model_dir: str) -> RolloutEngine:
+    """The configured rollout engine, imported only when chosen."""
+    kind = settings.get("engine", "vllm")
+    seed = int(settings.get("seed", 0))
+    max_len = int(settings.get("max_model_len", 128))
+    if kind == "vllm":
+        from asyncflow.engines.vllm_engine import VLLMRolloutEngine
+
+        v = settings.get("vllm", {})
+        return VLLMRolloutEngine(
+            model_dir,
+            max_model_len=max_len,
+            dtype=v.get("dtype", "float32"),
+            seed=seed,
+            gpu_memory_utilization=float(v.get("gpu_memory_utilization", 0.25)),
+            cpu_kvcache_space_gib=int(v.get("cpu_kvcache_space_gib", 1)),
+            cpu_threads_bind=v.get("cpu_threads_bind"),
+            enforce_eager=bool(v.get("enforce_eager", True)),
+            max_num_seqs=int(v.get("max_num_seqs", 256)),
+        )
+    if kind == "transformers":
+        from asyncflow.engines.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine(model_dir, seed=seed)
+    raise ValueError(f"unknown rollout engine {kind!r}; expected 'vllm' or 'transformers'")
+
+
+class RolloutRole:
+    name = "rollout"
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
+        seed = int(self.settings.get("seed", 0))
+        self.train = train_source(self.settings.get("data", {}), seed)
+        self.eval = eval_source(self.settings.get("data", {}), self.settings.get("eval", {}), seed)
+        self.sampling = self.settings.get("sampling", {})
+        self.engine = make_engine(self.settings, self.model_dir)
+        self.tokenizer: Any = None
+        self.receiver: Any = None
+        self.tokens_out = 0
+        self.requests = 0
+        self._req = 0
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        t0 = time.monotonic()
+        await self.engine.start()
+        log(
+            f"rollout engine {self.settings.get('engine', 'vllm')} started in "
+            f"{time.monotonic() - t0:.1f} s"
+        )
+
+    def ops(self) -> Mapping[str, Op]:
+        return {
+            "generate": self.generate,
+            "evaluate": self.evaluate,
+            "sync_init": self.sync_init,
+            "sync_recv": self.sync_recv,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "policy_version": self.engine.policy_version,
+            "tokens_out": self.tokens_out,
+            "requests": self.requests,
+        }
+
+    async def close(self) -> None:
+        await self.engine.close()
+        if self.receiver is not None:
+            self.receiver.close()
+
+    # ------------------------------------------------------------------ ops
+    def _encode(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(prompt)
+        return ids
+
+    def _sampling(self, params: Mapping[str, Any], seed: int | None) -> SamplingConfig:
+        s = {**self.sampling, **params.get("sampling", {})}
+        return SamplingConfig(
+            max_new_tokens=int(s.get("max_new_tokens", 32)),
+            temperature=float(s.get("temperature", 1.0)),
+            top_p=float(s.get("top_p", 1.0)),
+            top_k=int(s.get("top_k", -1)),
+            seed=seed,
+        )
+
+    async def _complete(self, prompt_ids: list[int], sampling: SamplingConfig) -> Completion:
+        self._req += 1
+        rid = f"r{self._req}"
+        try:
+            return await self.engine.generate(rid, prompt_ids, sampling)
+        except asyncio.CancelledError:
+            await self.engine.abort(rid)
+            raise
+
+    async def generate(self, req: WorkRequest) -> dict[str, Any]:
+        batch = req.batch
+        if batch is None:
+            raise ValueError("generate needs a batch")
+        base_seed = req.params.get("seed")
+        prompts = [self._encode(self.train[int(m["index"])].prompt) for m in batch.meta]
+        outs = await asyncio.gather(
+            *(
+                self._complete(
+                    p,
+                    self._sampling(req.params, None if base_seed is None else int(base_seed) + rid),
+                )
+                for p, rid in zip(prompts, batch.rows)
+            )
+        )
+        resp = [torch.tensor(c.token_ids, dtype=torch.int64) for c in outs]
+        lps = [torch.tensor(c.logprobs, dtype=torch.float32) for c in outs]
+        pids = [torch.tensor(p, dtype=torch.int64) for p in prompts]
+        self.tokens_out += sum(len(c.token_ids) for c in outs)
+        self.requests += len(outs)
+        version = min(c.policy_version for c in outs)
+        produced = {}
+        for name, ts in (("prompt_ids", pids), ("response_ids", resp), ("rollout_logprobs", lps)):
+            shapes = req.unit.put(name, batch.rows, _ragged(ts))
+            produced[name] = Produced([list(s) for s in shapes], dtype_name(ts[0].dtype), version)
+        return {
+            "produced": {k: v.to_json() for k, v in produced.items()},
+            "metrics": {
+                "versions": [c.policy_version for c in outs],
+                "response_lengths": [len(c.token_ids) for c in outs],
+                "finish": [c.finish_reason for c in outs],
+            },
+        }
+
+    async def evaluate(self, req: WorkRequest) -> dict[str, Any]:
+        indices = req.params.get("indices")
+        if indices is None:
+            indices = list(range(len(self.eval)))
+        rows = [self.eval[int(i)] for i in indices]
+        greedy = self._sampling(
+            {"sampling": {"temperature": 0.0, **req.params.get("sampling", {})}}, None
+        )
+        outs = await asyncio.gather(*(self._complete(self._encode(r.prompt), greedy) for r in rows))
+        spec, trusted = reward_spec(req.params.get("reward", "builtin:arithmetic"))
+        async with RewardScorer(
+            spec, isolate=not trusted, timeout_s=float(req.params.get("timeout_s", 5.0))
+        ) as scorer:
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs]
+            results = await asyncio.gather(
+                *(scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
+            )
+        scores = [r.score for r in results]
+        return {
+            "metrics": {
+                "accuracy": sum(s > 0 for s in scores) / max(len(scores), 1),
+                "mean_reward": sum(scores) / max(len(scores), 1),
+                "n": len(scores),
+                "version": min(
+                    (c.policy_version for c in outs), default=self.engine.policy_version
+                ),
+                "mean_length": sum(len(c.token_ids) for c in outs) / max(len(outs), 1),
+                "examples": [[r.prompt, t] for r, t in list(zip(rows, texts))[:3]],
+            }
+        }
+
+    async def sync_init(self, req: WorkRequest) -> dict[str, Any]:
+        from asyncflow.engines.weight_sync import WeightReceiver
+
+        p = req.params
+        self.receiver = WeightReceiver(
+            str(p["host"]),
+            int(p["port"]),
+            int(p["rank"]),
+            int(p["world_size"]),
+            backend=str(p.get("backend", "gloo")),
+            timeout_s=float(p.get("timeout_s", 120.0)),
+        )
+        await self.receiver.aconnect()
+        return {"ok": True}
+
+    async def sync_recv(self, req: WorkRequest) -> dict[str, Any]:
+        if self.receiver is None:
+            raise ValueError("sync_recv before sync_init")
+        t0 = time.monotonic()
+        update = await self.receiver.areceive()
+        t1 = time.monotonic()
+        await self.engine.load_weights(update, update.version)
+        return {
+            "metrics": {
+                "version": update.version,
+                "recv_s": t1 - t0,
+                "total_s": time.monotonic() - t0,
+            }
+        }
+
+
+def _ragged(ts: list[torch.Tensor]) -> ColumnData:
+    lengths = torch.tensor([len(t) for t in ts], dtype=torch.int64)
+    values = torch.cat(ts) if ts else torch.empty(0)
+    return ColumnData(values, lengths)

@@ -1,0 +1,311 @@
+"""The ``actor``, ``reference`` and ``critic`` roles: PyTorch training engines behind HTTP.
+
+=================  ============================================  =================================
+op                 consumes                                      produces / does
+=================  ============================================  =================================
+actor
+``train_micro``    ``prompt_ids``, ``response_ids``,              forward/backward, gradients
+                   ``rollout_logprobs``, ``advantages``           accumulate (streaming)
+                   (+ ``ref_logprobs`` with a KL penalty)
+``finish``         --                                            one optimizer step on every rank;
+                                                                 the policy version is the step
+``sync_init``      rendezvous of the weight-sync group           rank 0 hosts it
+``sync_send``      --                                            broadcast weights, in buckets
+``save``/``load``  a checkpoint folder                           safetensors model + optimizer
+reference
+``ref_logprobs``   ``prompt_ids``, ``response_ids``              ``ref_logprobs`` (ragged)
+critic
+``values``         ``prompt_ids``, ``response_ids``              ``values`` (ragged, per token)
+``gae``            ``response_ids``, ``reward``, ``values``      ``advantages``, ``returns``
+``train_micro``    + ``returns``, ``values``                     value-loss gradients accumulate
+``finish``         --                                            one optimizer step
+=================  ============================================  =================================
+
+Heavy compute runs in a worker thread so the HTTP server keeps answering health checks.
+Data-parallel ranks are separate worker processes joined by torch.distributed (gloo on CPU,
+NCCL on GPU); the controller deals micro-batches to them and calls ``finish`` on all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from asyncflow.algorithms.advantages import gae_advantages, masked_whiten
+from asyncflow.algorithms.losses import PolicyLossConfig
+from asyncflow.algorithms.objectives import PolicyObjective, ValueObjective
+from asyncflow.engines.protocols import LossContext
+from asyncflow.tasks.sources import resolve_model
+from asyncflow.transfer.client import Column
+from asyncflow.workers.batches import build_train_batch, response_values
+from asyncflow.workers.server import Op, Produced, WorkRequest
+
+PER_TOKEN = ("rollout_logprobs", "ref_logprobs", "values", "returns")
+
+
+def _engine_config(settings: Mapping[str, Any]) -> Any:
+    from asyncflow.engines.torch_trainer import OptimizerConfig, TrainerConfig
+
+    return TrainerConfig(
+        optimizer=OptimizerConfig(
+            lr=float(settings.get("lr", 3e-5)),
+            weight_decay=float(settings.get("weight_decay", 0.0)),
+            warmup_steps=int(settings.get("warmup_steps", 0)),
+            max_grad_norm=float(settings.get("max_grad_norm", 1.0)),
+        ),
+        seed=int(settings.get("seed", 0)),
+        temperature=float(settings.get("temperature", 1.0)),
+        device=settings.get("device"),
+    )
+
+
+def _dist_config(settings: Mapping[str, Any]) -> Any:
+    from asyncflow.engines.torch_trainer import DistributedConfig
+
+    d = settings.get("distributed", {})
+    return DistributedConfig(
+        rank=int(d.get("rank", 0)),
+        world_size=int(d.get("world_size", 1)),
+        master_addr=str(d.get("master_addr", "127.0.0.1")),
+        master_port=int(d.get("master_port", 29500)),
+    )
+
+
+class TrainerRole:
+    """Shared by the three roles: an engine, batch building, per-step accumulation."""
+
+    def __init__(self, role: str, settings: Mapping[str, Any]) -> None:
+        self.name = role
+        self.settings = dict(settings)
+        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
+        if self.settings.get("threads"):
+            torch.set_num_threads(int(self.settings["threads"]))
+        self.engine: Any = None
+        self.sender: Any = None
+        self.pad_id = 0
+        self._lock = asyncio.Lock()  # one compute at a time; ops queue up in order
+        self._stream_step: int | None = None
+        self.busy_s = 0.0
+
+    async def start(self) -> None:
+        from transformers import AutoConfig
+
+        cfg = await asyncio.to_thread(AutoConfig.from_pretrained, self.model_dir)
+        self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
+        self.engine = await asyncio.to_thread(self._build)
+
+    def _build(self) -> Any:
+        from asyncflow.engines.critic import TorchCriticEngine
+        from asyncflow.engines.torch_trainer import TorchTrainingEngine
+
+        cls = TorchCriticEngine if self.name == "critic" else TorchTrainingEngine
+        return cls(
+            self.model_dir,
+            _engine_config(self.settings),
+            _dist_config(self.settings),
+            trainable=self.name != "reference",
+        )
+
+    def info(self) -> dict[str, Any]:
+        step = self.engine.step if self.engine is not None else 0
+        return {"policy_version": step, "compute_s": self.busy_s}
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        async with self._lock:
+            t0 = time.monotonic()
+            try:
+                return await asyncio.to_thread(fn, *args)
+            finally:
+                self.busy_s += time.monotonic() - t0
+
+    async def _batch(self, req: WorkRequest, extra: tuple[str, ...] = ()) -> Any:
+        if req.batch is None:
+            raise ValueError("this op needs a batch")
+        names = ["prompt_ids", "response_ids", *extra]
+        cols = await req.client.fetch(req.batch, names)
+        per_token = {n: cols[n] for n in extra if n in PER_TOKEN or cols[n].ragged}
+        per_row = {n: cols[n] for n in extra if n not in per_token}
+        return build_train_batch(
+            cols["prompt_ids"], cols["response_ids"], per_token, per_row, self.pad_id
+        )
+
+    def _ctx(self, params: Mapping[str, Any]) -> LossContext:
+        return LossContext(
+            float(params["global_tokens"]),
+            int(params["global_sequences"]),
+            self.engine.world_size,
+            self.engine.step,
+        )
+
+    async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
+        step = int(req.params["step"])
+        cols = tuple(req.params.get("columns", ()))
+        batch = await self._batch(req, cols)
+        loss_fn = self._loss_fn()
+
+        def work() -> dict[str, float]:
+            if self._stream_step != step:
+                self.engine.begin_step(self._ctx(req.params))
+                self._stream_step = step
+            out: dict[str, float] = self.engine.accumulate(batch, loss_fn)
+            return out
+
+        return {"metrics": await self._run(work)}
+
+    async def finish(self, req: WorkRequest) -> dict[str, Any]:
+        step = int(req.params["step"])
+        if self._stream_step != step:  # this rank got no micro-batch: join with zero grads
+            self.engine.begin_step(self._ctx(req.params))
+        self._stream_step = None
+        metrics = await self._run(self.engine.finish_step)
+        return {"metrics": metrics, "version": self.engine.step}
+
+    def _loss_fn(self) -> Any:
+        raise NotImplementedError
+
+    def ops(self) -> Mapping[str, Op]:
+        raise NotImplementedError
+
+    async def save(self, req: WorkRequest) -> dict[str, Any]:
+        path = str(req.params["path"])
+        await self._run(self.engine.save, path)
+        return {"ok": True, "version": self.engine.step}
+
+    async def load(self, req: WorkRequest) -> dict[str, Any]:
+        path = str(req.params["path"])
+        await self._run(self.engine.load, path)
+        return {"ok": True, "version": self.engine.step}
+
+
+class ActorRole(TrainerRole):
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__("actor", settings)
+        loss = dict(self.settings.get("loss", {}))
+        old_policy = loss.pop("old_policy", "current")
+        self.objective = PolicyObjective(PolicyLossConfig(**loss), old_policy=old_policy)
+
+    def ops(self) -> Mapping[str, Op]:
+        return {
+            "train_micro": self.train_micro,
+            "finish": self.finish,
+            "save": self.save,
+            "load": self.load,
+            "sync_init": self.sync_init,
+            "sync_send": self.sync_send,
+        }
+
+    def _loss_fn(self) -> Any:
+        return self.objective
+
+    async def sync_init(self, req: WorkRequest) -> dict[str, Any]:
+        from asyncflow.engines.weight_sync import WeightSender
+
+        p = req.params
+        self.sender = WeightSender(
+            str(p["host"]),
+            int(p["port"]),
+            int(p["world_size"]),
+            backend=str(p.get("backend", "gloo")),
+            bucket_bytes=int(p.get("bucket_mb", 128)) << 20,
+            timeout_s=float(p.get("timeout_s", 120.0)),
+        )
+        await self.sender.aconnect()
+        return {"ok": True}
+
+    async def sync_send(self, req: WorkRequest) -> dict[str, Any]:
+        if self.sender is None:
+            raise ValueError("sync_send before sync_init")
+        version = self.engine.step
+        stats = await self._run(self.sender.send, list(self.engine.named_weights()), version)
+        return {"version": version, "metrics": {"seconds": stats.seconds, "bytes": stats.bytes}}
+
+
+class ReferenceRole(TrainerRole):
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__("reference", settings)
+
+    def ops(self) -> Mapping[str, Op]:
+        return {"ref_logprobs": self.ref_logprobs}
+
+    async def ref_logprobs(self, req: WorkRequest) -> dict[str, Any]:
+        assert req.batch is not None
+        batch = await self._batch(req)
+        out = await self._run(self.engine.logprobs, batch)
+        rows = response_values(batch, out["logprobs"])
+        shapes = req.unit.put("ref_logprobs", req.batch.rows, rows)
+        return {
+            "produced": {"ref_logprobs": Produced([list(s) for s in shapes], "float32").to_json()}
+        }
+
+
+class CriticRole(TrainerRole):
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__("critic", settings)
+        self.objective = ValueObjective(clip_range=float(self.settings.get("clip_range", 0.2)))
+        self.gamma = float(self.settings.get("gamma", 1.0))
+        self.lam = float(self.settings.get("lam", 0.95))
+        self.whiten = bool(self.settings.get("whiten_advantages", True))
+
+    def ops(self) -> Mapping[str, Op]:
+        return {
+            "values": self.values,
+            "gae": self.gae,
+            "train_micro": self.train_micro,
+            "finish": self.finish,
+            "save": self.save,
+            "load": self.load,
+        }
+
+    def _loss_fn(self) -> Any:
+        return self.objective
+
+    async def values(self, req: WorkRequest) -> dict[str, Any]:
+        assert req.batch is not None
+        batch = await self._batch(req)
+        vals = await self._run(self.engine.values, batch)
+        rows = response_values(batch, vals)
+        shapes = req.unit.put("values", req.batch.rows, rows)
+        return {"produced": {"values": Produced([list(s) for s in shapes], "float32").to_json()}}
+
+    async def gae(self, req: WorkRequest) -> dict[str, Any]:
+        assert req.batch is not None
+        cols = await req.client.fetch(req.batch, ["response_ids", "reward", "values"])
+        lengths = cols["response_ids"].lengths()  # (B,)
+        values = Column(cols["values"].data).padded()  # (B, R)
+        if values.dim() == 1:
+            values = values.unsqueeze(1)
+        R = values.shape[1]
+        mask = (torch.arange(R).unsqueeze(0) < lengths.unsqueeze(1)).float()  # (B, R)
+        adv, ret = gae_advantages(
+            cols["reward"].stacked().float(), values, mask, self.gamma, self.lam
+        )
+        if self.whiten and mask.sum() > 1:
+            adv = masked_whiten(adv, mask)
+        adv_rows = [adv[i, : int(n)].contiguous() for i, n in enumerate(lengths)]
+        ret_rows = [ret[i, : int(n)].contiguous() for i, n in enumerate(lengths)]
+        sa = req.unit.put("advantages", req.batch.rows, adv_rows)
+        sr = req.unit.put("returns", req.batch.rows, ret_rows)
+        return {
+            "produced": {
+                "advantages": Produced([list(s) for s in sa], "float32").to_json(),
+                "returns": Produced([list(s) for s in sr], "float32").to_json(),
+            }
+        }
+
+
+def make_trainer_role(role: str, settings: Mapping[str, Any]) -> TrainerRole:
+    if role == "actor":
+        return ActorRole(settings)
+    if role == "reference":
+        return ReferenceRole(settings)
+    if role == "critic":
+        return CriticRole(settings)
+    raise ValueError(f"not a trainer role: {role!r}")
