@@ -29,6 +29,9 @@ class RunConfig(_Section):
     host: str = "127.0.0.1"  #: the address spawned workers bind to
     progress: bool = True  #: show a progress bar (tqdm) on a terminal
     metrics_port: int | None = None  #: serve Prometheus /metrics on localhost at this port
+    #: pin spawned workers to CPU cores: rollout on the first half of the cores, trainers on
+    #: the second half (on a 2-core machine their threads otherwise thrash each other)
+    pin_cpus: bool = True
 
 
 class ModelConfig(_Section):

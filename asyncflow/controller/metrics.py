@@ -60,13 +60,14 @@ class StepStats:
 class RunLog:
     """Appends metrics, samples and spans to the run directory as the run goes."""
 
-    def __init__(self, run_dir: Path, t0: float | None = None) -> None:
+    def __init__(self, run_dir: Path, t0: float | None = None, mode: str = "w") -> None:
+        """``mode`` "w" starts the files afresh; "a" appends (a resumed run)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         self.dir = run_dir
         self.t0 = time.monotonic() if t0 is None else t0
-        self._metrics: IO[str] = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._samples: IO[str] = open(run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._spans: IO[str] = open(run_dir / "spans.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics: IO[str] = open(run_dir / "metrics.jsonl", mode, encoding="utf-8")  # noqa: SIM115
+        self._samples: IO[str] = open(run_dir / "samples.jsonl", mode, encoding="utf-8")  # noqa: SIM115
+        self._spans: IO[str] = open(run_dir / "spans.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         self.spans: list[Span] = []
 
     def now(self) -> float:

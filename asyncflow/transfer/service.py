@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -64,6 +66,12 @@ def auth_middleware(token: str, counters: dict[str, int]) -> Any:
         except web.HTTPRequestEntityTooLarge:
             counters["too_large"] = counters.get("too_large", 0) + 1
             return json_error(413, "request body too large")
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug or an engine failure: say what, keep serving
+            counters["errors"] = counters.get("errors", 0) + 1
+            traceback.print_exc(file=sys.stderr)
+            return json_error(500, f"{type(e).__name__}: {e}")
 
     return middleware
 

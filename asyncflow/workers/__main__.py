@@ -64,10 +64,20 @@ def load_settings(raw: str) -> dict[str, Any]:
     return data
 
 
+def pin(settings: dict[str, Any]) -> None:
+    """Restrict this process (and the threads it starts) to ``settings["cpus"]``."""
+    cpus = settings.get("cpus")
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, [int(c) for c in cpus])
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+
+
 async def amain(args: argparse.Namespace) -> None:
     if not args.token:
         raise SystemExit("a run token is required: --token or ASYNCFLOW_TOKEN")
-    role = make_role(args.role, load_settings(args.settings))
+    settings = load_settings(args.settings)
+    pin(settings)
+    role = make_role(args.role, settings)
     unit = StorageUnit(args.name or f"{args.role}-{os.getpid()}")
     server = WorkerServer(role, unit, args.token, args.host, args.port, args.max_body)
     loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ def build_train_batch(
     tensors: dict[str, torch.Tensor] = {}
     for name, col in (per_token or {}).items():
         out = torch.zeros(B, T, dtype=torch.float32)
-        vals = col.data.values.float()
+        vals = col.data.values.float().reshape(-1)  # ragged, or stacked when lengths agree
         if vals.numel() != int(r_len.sum()):
             raise ValueError(f"{name}: {vals.numel()} values for {int(r_len.sum())} tokens")
         out[resp_pos] = vals
