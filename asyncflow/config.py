@@ -52,14 +52,14 @@ class DataConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(10, ge=0)  #: evaluate every N steps (0: only at start and end)
+    every: int = Field(50, ge=0)  #: evaluate every N steps (0: only at start and end)
     size: int = Field(256, ge=1)  #: held-out problems, greedy decoding
     source: str | None = None  #: a jsonl/parquet eval file (default: the built-in eval split)
 
 
 class AlgorithmConfig(_Section):
     name: Literal["grpo", "ppo"] = "grpo"
-    steps: int = Field(60, ge=1)
+    steps: int = Field(300, ge=1)
     prompts_per_step: int = Field(8, ge=1)
     samples_per_prompt: int = Field(8, ge=1)  #: GRPO group size (1 is usual for PPO)
     #: bounded staleness: rollout for step s uses a policy of version >= s - k
@@ -82,6 +82,8 @@ class AlgorithmConfig(_Section):
     def _check(self) -> AlgorithmConfig:
         if self.name == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("GRPO needs samples_per_prompt >= 2 (it normalises within a group)")
+        if self.micro_batch_groups > self.prompts_per_step:
+            raise ValueError("micro_batch_groups must be <= prompts_per_step")
         return self
 
 
@@ -157,6 +159,19 @@ class Config(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     workers: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        micro = -(-self.algorithm.prompts_per_step // self.algorithm.micro_batch_groups)
+        for name, tc in (("actor", self.actor), ("critic", self.critic)):
+            if tc.workers > micro:
+                raise ValueError(
+                    f"{name}.workers={tc.workers} ranks need at least that many micro-batches per "
+                    f"step; prompts_per_step / micro_batch_groups gives {micro}"
+                )
+        if self.algorithm.kl_coef == 0 and self.reference.urls:
+            raise ValueError("reference.urls given but algorithm.kl_coef is 0 (no reference)")
+        return self
 
     @property
     def rows_per_step(self) -> int:
@@ -234,12 +249,24 @@ def from_tree(tree: Mapping[str, Any]) -> Config:
         raise ConfigError(describe(e)) from None
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed next to the unknown one at ``loc``."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
 def describe(e: ValidationError) -> str:
     lines = ["invalid config:"]
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key; expected one of {_known_keys(err['loc'])}")
         else:
             got = json.dumps(err.get("input"), default=str)[:80]
             lines.append(f"  {key}: {err['msg']} (got {got})")

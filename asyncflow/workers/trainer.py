@@ -44,8 +44,6 @@ from asyncflow.transfer.client import Column
 from asyncflow.workers.batches import build_train_batch, response_values
 from asyncflow.workers.server import Op, Produced, WorkRequest
 
-PER_TOKEN = ("rollout_logprobs", "ref_logprobs", "values", "returns")
-
 
 def _engine_config(settings: Mapping[str, Any]) -> Any:
     from asyncflow.engines.torch_trainer import OptimizerConfig, TrainerConfig
@@ -131,7 +129,8 @@ class TrainerRole:
             raise ValueError("this op needs a batch")
         names = ["prompt_ids", "response_ids", *extra]
         cols = await req.client.fetch(req.batch, names)
-        per_token = {n: cols[n] for n in extra if n in PER_TOKEN or cols[n].ragged}
+        # a row of a per-token column is 1-D (stacked: (B, L)); a per-row scalar stacks to (B,)
+        per_token = {n: cols[n] for n in extra if cols[n].ragged or cols[n].data.values.dim() > 1}
         per_row = {n: cols[n] for n in extra if n not in per_token}
         return build_train_batch(
             cols["prompt_ids"], cols["response_ids"], per_token, per_row, self.pad_id
