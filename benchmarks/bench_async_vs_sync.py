@@ -20,9 +20,9 @@ from typing import Any
 from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller
 
-MODES = {
-    "sync (k=0, no streaming)": ["algorithm.staleness=0", "algorithm.streaming=false"],
-    "async (k=1, streaming)": ["algorithm.staleness=1", "algorithm.streaming=true"],
+MODES = {  # name -> (run-directory tag, overrides)
+    "sync (k=0, no streaming)": ("sync", ["algorithm.staleness=0", "algorithm.streaming=false"]),
+    "async (k=1, streaming)": ("async", ["algorithm.staleness=1", "algorithm.streaming=true"]),
 }
 
 
@@ -33,8 +33,7 @@ def idle(run_dir: Path) -> dict[str, float]:
     return {n: statistics.mean(s["idle_frac"][n] for s in steps) for n in names}
 
 
-async def run_mode(name: str, extra: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    tag = "sync" if "sync" in name.split()[0] else "async"
+async def run_mode(tag: str, extra: list[str], args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(None, [
         f"algorithm.steps={args.steps}", "eval.every=0", f"eval.size={args.eval_size}",
         f"run.name=bench-{tag}", f"run.output_dir={args.output_dir}", "run.progress=false",
@@ -47,9 +46,9 @@ async def run_mode(name: str, extra: list[str], args: argparse.Namespace) -> dic
 
 async def amain(args: argparse.Namespace) -> None:
     results = {}
-    for name, extra in MODES.items():
+    for name, (tag, extra) in MODES.items():
         print(f"running {name} for {args.steps} steps ...", flush=True)
-        results[name] = await run_mode(name, extra, args)
+        results[name] = await run_mode(tag, extra, args)
     print()
     print(f"{'mode':28s} {'samples/s':>10s} {'tokens/s':>10s} {'acc start':>10s} "
           f"{'acc end':>8s}  idle fraction per worker")

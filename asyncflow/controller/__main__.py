@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from asyncflow.config import ConfigError, load_config
@@ -25,13 +26,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="a YAML preset (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-5")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue a run from its last checkpoint (its config.json is used; "
+        "overrides still apply)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.json").is_file():
+                raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+            where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+            cfg = load_config(run_dir / "config.json", [*where, *args.overrides])
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -47,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        summary = runner(Controller(cfg).run())
+        summary = runner(Controller(cfg, resume=args.resume is not None).run())
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130

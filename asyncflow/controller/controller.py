@@ -20,18 +20,27 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from asyncflow.config import Config, from_tree
 from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.metrics import RunLog, StepStats, busy_by_worker, mean
 from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
-from asyncflow.controller.stages import Pipeline, cancel_all, register_tasks, stage_specs
+from asyncflow.controller.stages import (
+    Commit,
+    Pipeline,
+    cancel_all,
+    register_tasks,
+    stage_specs,
+)
+from asyncflow.controller.supervisor import Supervisor
 from asyncflow.tasks.sources import train_source
 from asyncflow.transfer.index import SampleIndex
 
@@ -50,12 +59,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Controller:
     """Runs one training job described by a :class:`~asyncflow.config.Config`."""
 
-    def __init__(self, config: Config | Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: Config | Mapping[str, Any] | None = None, *, resume: bool = False
+    ) -> None:
+        """``resume=True`` continues the run in ``config.run_dir`` from its last checkpoint."""
         if config is None:
             config = Config()
         elif not isinstance(config, Config):
             config = from_tree(config)
         self.cfg = config.with_token()
+        self.resume = resume
+        self.supervisor: Supervisor | None = None
         self.workers: dict[str, list[WorkerHandle]] = {}
         self.index = SampleIndex(self._free)
         self.pipeline: Pipeline | None = None
@@ -69,8 +83,12 @@ class Controller:
         cfg = self.cfg
         run_dir = cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        log = RunLog(run_dir)
+        state = load_checkpoint(run_dir) if self.resume else None
+        if not self.resume:
+            public = cfg.to_json()
+            public["run"]["token"] = None  # the secret stays in memory
+            (run_dir / "config.json").write_text(json.dumps(public, indent=2))
+        log = RunLog(run_dir, mode="a" if self.resume else "w")
         progress = Progress(cfg.algorithm.steps, enabled=cfg.run.progress)
         try:
             progress.note("starting workers")
@@ -79,20 +97,55 @@ class Controller:
             loader = PromptLoader(len(source), cfg.run.seed, cfg.data.shuffle)
             register_tasks(self.index, cfg)
             self.pipeline = Pipeline(cfg, self.index, self.workers, loader, log)
+            first = await self._restore(state, log) if state else 0
+            progress.update_to(first)
             progress.note("connecting weight sync")
             await self._init_sync()
-            await self._evaluate(0, log)
-            await self._train(log, progress)
+            if state:
+                await self.pipeline.sync_weights(self.pipeline.version)
+            self.supervisor = Supervisor(
+                self.pipeline,
+                self._respawn,
+                self._init_sync,
+                (run_dir / "checkpoints").resolve(),
+                cfg.workers.heartbeat_s,
+                cfg.workers.start_s,
+            )
+            self.supervisor.watch_all()
+            await self._evaluate(first, log)
+            await self._train(log, progress, first)
             await self._evaluate(cfg.algorithm.steps, log)
-            await self._checkpoint(cfg.algorithm.steps, final=True)
             self.summary = self._summarize(log)
             (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             return self.summary
         finally:
             progress.close()
+            if self.supervisor is not None:
+                await self.supervisor.close()
             await cancel_all(list(self._bg))
             await self._stop_workers()
             log.close()
+
+    async def _restore(self, state: dict[str, Any], log: RunLog) -> int:
+        """Continue from a checkpoint: the actor's weights and optimizer, the loader position,
+        the index (its rows' data died with the old workers, so every unit is marked lost and
+        lineage recomputes it), and the trained-sample log cut back to the checkpoint."""
+        p = self.pipeline
+        assert p is not None
+        restored = SampleIndex.restore(state["index"], self._free)
+        for unit in list(restored.resident_units()):
+            if unit != "dataset":
+                restored.mark_unit_lost(unit)
+        self.index = p.index = restored
+        p.loader.position = int(state["loader"]["position"])
+        p.admitted_steps = int(state["admitted_steps"])
+        p.version = int(state["version"])
+        await p.call(self.workers["actor"][0], "load", params={"path": state["path"]})
+        log.truncate_samples(int(state["samples_before"]), state["samples_step"])
+        log.metrics(
+            {"event": "resumed", "step": state["step"], "version": p.version, "time_s": log.now()}
+        )
+        return int(state["step"])
 
     def stop(self) -> None:
         """Ask a running :meth:`run` to finish after the current step."""
@@ -180,8 +233,9 @@ class Controller:
         return roles
 
     async def _start_workers(self, run_dir: Path) -> None:
-        settings = self._settings()
-        self._pin(settings)
+        self._role_settings = self._settings()
+        self._pin(self._role_settings)
+        self._dist_ports = {r: free_port(self.cfg.run.host) for r in ("actor", "critic")}
         token = self.cfg.run.token or ""
         jobs: list[tuple[str, Any]] = []
         for role, (n, urls) in self._roles().items():
@@ -189,32 +243,8 @@ class Controller:
                 jobs += [
                     (role, attach_worker(role, f"{role}{i}", u, token)) for i, u in enumerate(urls)
                 ]
-                continue
-            port = free_port(self.cfg.run.host)
-            for i in range(n):
-                s = dict(settings[role])
-                if role in ("actor", "critic") and n > 1:
-                    s["distributed"] = {
-                        "rank": i,
-                        "world_size": n,
-                        "master_addr": self.cfg.run.host,
-                        "master_port": port,
-                    }
-                jobs.append(
-                    (
-                        role,
-                        spawn_worker(
-                            role,
-                            f"{role}{i}",
-                            token,
-                            s,
-                            host=self.cfg.run.host,
-                            env=WORKER_ENV,
-                            log_dir=run_dir / "logs",
-                            start_timeout=self.cfg.workers.start_s,
-                        ),
-                    )
-                )
+            else:
+                jobs += [(role, self._spawn_one(role, i, 0)) for i in range(n)]
         results = await asyncio.gather(*(j for _, j in jobs), return_exceptions=True)
         for (role, _), h in zip(jobs, results):
             if isinstance(h, WorkerHandle):
@@ -222,6 +252,38 @@ class Controller:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
+
+    async def _spawn_one(self, role: str, i: int, generation: int) -> WorkerHandle:
+        """Spawn slot ``i`` of ``role``; a restart (generation > 0) gets a new unit name."""
+        n = self._roles()[role][0]
+        s = dict(self._role_settings[role])
+        if role in ("actor", "critic") and n > 1:
+            s["distributed"] = {
+                "rank": i,
+                "world_size": n,
+                "master_addr": self.cfg.run.host,
+                "master_port": self._dist_ports[role],
+            }
+        name = f"{role}{i}"
+        return await spawn_worker(
+            role,
+            name,
+            self.cfg.run.token or "",
+            s,
+            host=self.cfg.run.host,
+            env=WORKER_ENV,
+            log_dir=self.cfg.run_dir / "logs",
+            start_timeout=self.cfg.workers.start_s,
+            unit=name if generation == 0 else f"{name}.{generation}",
+        )
+
+    async def _respawn(self, role: str, i: int, generation: int) -> WorkerHandle:
+        if role in ("actor", "critic") and self._roles()[role][0] > 1:
+            raise RuntimeError(
+                f"{role}{i} died: data-parallel trainer ranks cannot be replaced "
+                "one at a time (their process group died with it)"
+            )
+        return await self._spawn_one(role, i, generation)
 
     async def _stop_workers(self) -> None:
         handles = [h for hs in self.workers.values() for h in hs]
@@ -245,9 +307,12 @@ class Controller:
         backend = self.cfg.sync.backend
         if backend == "auto":
             backend = "gloo"  # the CPU build; GPU runs set sync.backend=nccl
+        # The actor's rank 0 hosts the rendezvous: use the address we reach it at. (A port
+        # free here may not be free there: multi-host runs set sync.port.)
+        host = urlsplit(actor.url).hostname or self.cfg.run.host
         port = self.cfg.sync.port or free_port(self.cfg.run.host)
         params = {
-            "host": self.cfg.run.host,
+            "host": host,
             "port": port,
             "world_size": 1 + len(rollouts),
             "backend": backend,
@@ -264,25 +329,32 @@ class Controller:
         )
 
     # ------------------------------------------------------------------ the loop
-    async def _train(self, log: RunLog, progress: Progress) -> None:
+    async def _train(self, log: RunLog, progress: Progress, first: int) -> None:
         p = self.pipeline
         assert p is not None
         cfg = self.cfg
         loops: list[asyncio.Task[None]] = []
-        slots = max(cfg.algorithm.prompts_per_step, 1)
+        # Enough slots that every admitted group (k + 1 steps' worth) can be in flight at once:
+        # the rollout engine batches them all (continuous batching).
+        slots = cfg.algorithm.prompts_per_step * (cfg.algorithm.staleness + 1)
         try:
             async with asyncio.TaskGroup() as tg:
-                loops.append(tg.create_task(p.admit_loop(0, cfg.algorithm.steps), name="admit"))
+                loops.append(
+                    tg.create_task(
+                        p.admit_loop(p.admitted_steps, cfg.algorithm.steps), name="admit"
+                    )
+                )
                 for spec in stage_specs(cfg):
                     n_slots = slots if cfg.algorithm.streaming else 1
-                    for w in self.workers[spec.role]:
+                    for i, w in enumerate(self.workers[spec.role]):
                         for j in range(n_slots):
                             loops.append(
                                 tg.create_task(
-                                    p.stage_loop(spec, w), name=f"{spec.task}-{w.name}-{j}"
+                                    p.stage_loop(spec, spec.role, i),
+                                    name=f"{spec.task}-{w.name}-{j}",
                                 )
                             )
-                driver = tg.create_task(self._steps(log, progress), name="train")
+                driver = tg.create_task(self._steps(log, progress, first), name="train")
                 driver.add_done_callback(lambda _t: [t.cancel() for t in loops])
         except BaseExceptionGroup as eg:
             real = [e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)]
@@ -290,7 +362,7 @@ class Controller:
                 raise real[0] from None
             raise
 
-    async def _steps(self, log: RunLog, progress: Progress) -> None:
+    async def _steps(self, log: RunLog, progress: Progress, first: int) -> None:
         p = self.pipeline
         assert p is not None
         cfg = self.cfg
@@ -299,26 +371,34 @@ class Controller:
             actor_cols.append("ref_logprobs")
         progress.note("training")
         self._last_step_end = log.now()  # step times start here, after start-up and eval
-        for step in range(cfg.algorithm.steps):
-            jobs = [p.train_step(step, "actor", "train", actor_cols)]
+        for step in range(first, cfg.algorithm.steps):
+            commit = self._commit_for(step)
+            jobs = [p.train_step(step, "actor", "train", actor_cols, commit)]
             if cfg.algorithm.name == "ppo":
                 jobs.append(p.train_step(step, "critic", "critic_train", ["values", "returns"]))
             outs = await asyncio.gather(*jobs)
             version = int(outs[0][0]["version"])
             sync = await p.sync_weights(version)
             record = self._step_record(step, outs, sync, log)
-            if (
-                cfg.eval.every
-                and (step + 1) % cfg.eval.every == 0
-                and step + 1 < cfg.algorithm.steps
-            ):
+            last = step + 1 == cfg.algorithm.steps
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
                 record.update(await self._evaluate(step + 1, log))
             log.metrics(record)
             progress.update(record)
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-                await self._checkpoint(step + 1)
             if self._stop.is_set():
                 break
+
+    def _commit_for(self, step: int) -> Commit:
+        """What makes step ``step``'s update durable before its rows count as trained: a
+        checkpoint when one is due (every ``checkpoint.every`` steps, and after the last)."""
+        every = self.cfg.checkpoint.every
+        due = (every and (step + 1) % every == 0) or step + 1 == self.cfg.algorithm.steps
+
+        async def commit(outs: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+            if due:
+                await self._checkpoint(step + 1, int(outs[0]["version"]), records)
+
+        return commit
 
     def _step_record(
         self, step: int, outs: list[list[dict[str, Any]]], sync: dict[str, Any], log: RunLog
@@ -397,15 +477,32 @@ class Controller:
         log.metrics(rec)
         return {k: v for k, v in rec.items() if k.startswith("eval_")}
 
-    async def _checkpoint(self, step: int, final: bool = False) -> None:
+    async def _checkpoint(self, step: int, version: int, records: list[dict[str, Any]]) -> None:
+        """The actor (weights + optimizer) and everything the controller needs to resume at
+        ``step``: loader position, index snapshot, and this step's sample records."""
         p = self.pipeline
         assert p is not None
-        if not final and not self.cfg.checkpoint.every:
-            return
         path = (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()
         await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
-        state = {"step": step, "version": p.version, "loader": p.loader.state()}
-        (path / "controller_state.json").write_text(json.dumps(state))
+        state = {
+            "step": step,
+            "version": version,
+            "loader": p.loader.state(),
+            "admitted_steps": p.admitted_steps,
+            "index": self.index.snapshot(),
+            "samples_before": p.log.samples_written,
+            "samples_step": records,
+            "path": str(path),
+        }
+        tmp = path / "controller_state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path / "controller_state.json")  # atomic: a checkpoint is whole or absent
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        done = sorted((self.cfg.run_dir / "checkpoints").glob("step_*/controller_state.json"))
+        for old in done[: -self.cfg.checkpoint.keep]:
+            shutil.rmtree(old.parent, ignore_errors=True)
 
     def _summarize(self, log: RunLog) -> dict[str, Any]:
         lines = [
@@ -432,6 +529,15 @@ class Controller:
             "run_dir": str(self.cfg.run_dir),
             "pid": os.getpid(),
         }
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The controller state of the newest complete checkpoint of a run."""
+    done = sorted((run_dir / "checkpoints").glob("step_*/controller_state.json"))
+    if not done:
+        raise ValueError(f"{run_dir}: no complete checkpoint to resume from")
+    state: dict[str, Any] = json.loads(done[-1].read_text())
+    return state
 
 
 def _stage_times(log: RunLog, since: float, until: float) -> dict[str, float]:

@@ -69,6 +69,7 @@ class RunLog:
         self._samples: IO[str] = open(run_dir / "samples.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         self._spans: IO[str] = open(run_dir / "spans.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         self.spans: list[Span] = []
+        self.samples_written = _count_lines(run_dir / "samples.jsonl") if mode == "a" else 0
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -86,10 +87,30 @@ class RunLog:
         for r in records:
             self._samples.write(json.dumps(r) + "\n")
         self._samples.flush()
+        self.samples_written += len(records)
+
+    def truncate_samples(self, keep: int, then: list[dict[str, Any]]) -> None:
+        """Resuming: keep the first ``keep`` records (those a checkpoint covers), drop any
+        written after it by the dead run, and append ``then`` (the checkpointed step's own
+        records, saved inside the checkpoint) -- so each trained sample is listed once."""
+        self._samples.close()
+        path = self.dir / "samples.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+        path.write_text("".join(lines), encoding="utf-8")
+        self._samples = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.samples_written = keep
+        self.samples(then)
 
     def close(self) -> None:
         for f in (self._metrics, self._samples, self._spans):
             f.close()
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
 
 
 def busy_by_worker(spans: list[Span], since: float, until: float) -> dict[str, float]:

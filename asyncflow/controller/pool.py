@@ -126,8 +126,10 @@ async def spawn_worker(
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
     start_timeout: float = 600.0,
+    unit: str | None = None,
 ) -> WorkerHandle:
-    """Start a worker process and wait for its ready line."""
+    """Start a worker process and wait for its ready line. ``unit`` names its storage unit
+    (default: ``name``); a restarted worker gets a new unit name, since its data is new."""
     cmd = [
         sys.executable,
         "-m",
@@ -135,7 +137,7 @@ async def spawn_worker(
         "--role",
         role,
         "--name",
-        name,
+        unit or name,
         "--host",
         host,
         "--port",

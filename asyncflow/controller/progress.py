@@ -40,5 +40,10 @@ class Progress:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
+    def update_to(self, step: int) -> None:
+        """Start the bar at ``step`` (a resumed run)."""
+        if step:
+            self.bar.update(step - self.bar.n)
+
     def close(self) -> None:
         self.bar.close()

@@ -35,15 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from asyncflow.config import Config
 from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.metrics import RunLog, Span, StepStats
-from asyncflow.controller.pool import WorkerHandle
+from asyncflow.controller.pool import WorkerError, WorkerHandle
+from asyncflow.transfer.client import TransferError
 from asyncflow.transfer.index import BatchMeta, SampleIndex
+
+Commit = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Awaitable[None]]
+
+#: retries beyond ``workers.retries`` that a loop may spend waiting for a dead worker's
+#: replacement (with back-off up to 2 s, about a minute) before the run fails
+MAX_QUIET_RETRIES = 30
 
 GRPO_TASKS: list[tuple[str, list[str], list[str], dict[str, Any]]] = [
     ("rollout", ["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], {"groups": True}),
@@ -133,6 +140,8 @@ class Pipeline:
         self.stats: dict[int, StepStats] = {}
         self.admitted_steps = 0
         self.failures: list[dict[str, Any]] = []
+        self.ready: dict[str, asyncio.Event] = {}  # worker name -> set unless being replaced
+        self.sync_lock = asyncio.Lock()  # a sync and a re-formed sync group never interleave
 
     # ------------------------------------------------------------------ admission
     async def admit_loop(self, start_step: int, end_step: int) -> None:
@@ -155,16 +164,56 @@ class Pipeline:
             self.version_changed.notify_all()
 
     # ------------------------------------------------------------------ worker stages
-    async def stage_loop(self, spec: StageSpec, worker: WorkerHandle) -> None:
-        """One slot of one worker for one stage: take a batch, run it, record it, repeat."""
+    def handle(self, role: str, i: int) -> WorkerHandle:
+        """The current worker in slot ``i`` of ``role`` (replaced when it is restarted)."""
+        return self.workers[role][i]
+
+    async def wait_ready(self, *handles: WorkerHandle) -> None:
+        """Wait until none of these workers' slots is being replaced."""
+        for h in handles:
+            await self.ready.setdefault(h.name, _set_event()).wait()
+
+    async def stage_loop(self, spec: StageSpec, role: str, i: int) -> None:
+        """One slot of one worker for one stage: take a batch, run it, record it, repeat.
+
+        A failed call (the worker, or a worker it pulls from, died) gives the rows back and is
+        retried once the supervisor has replaced the dead worker; only a long run of failures
+        fails the run."""
+        failures = 0
         while True:
+            await self.wait_ready(self.handle(role, i))
             batch = await self.index.get_batch(spec.task, spec.batch)
-            await self.run_op(spec, worker, batch)
+            worker = self.handle(role, i)
+            try:
+                await self.run_op(spec, worker, batch)
+                failures = 0
+            except (WorkerError, TransferError) as e:
+                failures = self.note_failure(f"{spec.task} on {worker.name}", e, failures)
+                await asyncio.sleep(min(0.05 * 2**failures, 2.0))  # back off; replacement due
+
+    def note_failure(self, what: str, error: BaseException, failures: int) -> int:
+        failures += 1
+        self.log.metrics(
+            {
+                "event": "retry",
+                "what": what,
+                "error": str(error)[:300],
+                "attempt": failures,
+                "time_s": self.log.now(),
+            }
+        )
+        if failures > self.cfg.workers.retries + MAX_QUIET_RETRIES:
+            raise RuntimeError(
+                f"{what}: failed {failures} times in a row; last error: {error}"
+            ) from error
+        return failures
 
     async def run_op(self, spec: StageSpec, worker: WorkerHandle, batch: BatchMeta) -> None:
         start = self.log.now()
+        # Sampling seeds derive from (run seed, row id): a rerun draws the same samples.
+        params = {"seed": self.cfg.run.seed * 10_000_000} if spec.op == "generate" else None
         try:
-            out = await self.call(worker, spec.op, batch)
+            out = await self.call(worker, spec.op, batch, params)
         except BaseException:
             self.index.requeue(
                 spec.task, [r for r in batch.rows if r in self.index._tasks[spec.task].leased]
@@ -223,85 +272,120 @@ class Pipeline:
         return {"global_tokens": rows * self.cfg.rollout.max_new_tokens, "global_sequences": rows}
 
     async def train_step(
-        self, step: int, role: str, task: str, columns: list[str]
+        self, step: int, role: str, task: str, columns: list[str], commit: Commit | None = None
     ) -> list[dict[str, Any]]:
-        """Stream step ``step``'s groups to the ``role`` ranks, then one optimizer step."""
+        """Stream step ``step``'s groups to the ``role`` ranks, then one optimizer step.
+
+        Rows are acknowledged only after the optimizer step: if a rank (or a worker it pulls
+        from) fails, every row of the step goes back and the step is redone from scratch once
+        the failed worker is replaced -- each sample enters exactly one update."""
+        failures = 0
+        while True:
+            await self.wait_ready(*self.workers[role])
+            try:
+                return await self._train_attempt(step, role, task, columns, failures, commit)
+            except (WorkerError, TransferError) as e:
+                failures = self.note_failure(f"{task} step {step}", e, failures)
+                await asyncio.sleep(min(0.05 * 2**failures, 2.0))
+
+    async def _train_attempt(
+        self,
+        step: int,
+        role: str,
+        task: str,
+        columns: list[str],
+        attempt: int,
+        commit: Commit | None,
+    ) -> list[dict[str, Any]]:
         alg = self.cfg.algorithm
-        ranks = self.workers[role]
+        ranks = list(self.workers[role])
         per_mb = alg.micro_batch_groups if alg.streaming else alg.prompts_per_step
-        params = {"step": step, "columns": columns, **self.loss_context()}
+        params = {"step": step, "attempt": attempt, "columns": columns, **self.loss_context()}
         taken, i = 0, 0
+        batches: list[BatchMeta] = []
         pending: list[asyncio.Task[None]] = []
         try:
             while taken < alg.prompts_per_step:
                 k = min(per_mb, alg.prompts_per_step - taken)
                 batch = await self.index.get_batch(task, k, partition=step)
+                batches.append(batch)
                 taken += k
-                if alg.streaming:
+                parts = [batch] if alg.streaming else _split(batch, alg.micro_batch_groups)
+                for part in parts:  # dealt round-robin to the ranks
                     pending.append(
                         asyncio.create_task(
-                            self._micro(ranks[i % len(ranks)], task, batch, params),
+                            self._micro(ranks[i % len(ranks)], task, part, params),
                             name=f"{task}-micro-{step}-{i}",
                         )
                     )
                     i += 1
-                else:  # one batch, dealt to the ranks in micro-batches of whole groups
-                    pending += [
-                        asyncio.create_task(self._micro(ranks[j % len(ranks)], task, part, params))
-                        for j, part in enumerate(_split(batch, alg.micro_batch_groups))
-                    ]
             await asyncio.gather(*pending)
+            start = self.log.now()
+            outs = await asyncio.gather(*(self.call(w, "finish", params=params) for w in ranks))
+            records = [r for b in batches for r in self._sample_records(step, b)]
+            if commit is not None:  # e.g. a checkpoint: if it fails, the step is redone
+                await commit(outs, records)
         except BaseException:
             for p in pending:
                 p.cancel()
+            leased = self.index._tasks[task].leased
+            for b in batches:
+                self.index.requeue(task, [r for r in b.rows if r in leased])
             raise
-        start = self.log.now()
-        outs = await asyncio.gather(*(self.call(w, "finish", params=params) for w in ranks))
         for w in ranks:
             self.log.span(Span(w.name, f"{task}-step", start, self.log.now(), 0, step, step))
+        for b in batches:
+            self.index.ack(task, b.rows)
+        if task == "train":
+            self._record_trained(step, records)
         return outs
 
     async def _micro(
         self, worker: WorkerHandle, task: str, batch: BatchMeta, params: dict[str, Any]
     ) -> None:
         start = self.log.now()
-        try:
-            await self.call(worker, "train_micro", batch, params)
-        except BaseException:
-            self.index.requeue(task, [r for r in batch.rows if r in self.index._tasks[task].leased])
-            raise
-        self.index.ack(task, batch.rows)
+        await self.call(worker, "train_micro", batch, params)
         step = int(params["step"])
         self.log.span(Span(worker.name, task, start, self.log.now(), len(batch.rows), step, step))
-        if task == "train":
-            self._record_trained(step, batch)
 
-    def _record_trained(self, step: int, batch: BatchMeta) -> None:
+    def _sample_records(self, step: int, batch: BatchMeta) -> list[dict[str, Any]]:
+        return [
+            {
+                "step": step,
+                "row": r,
+                "group": g,
+                "index": meta["index"],
+                "sample": meta["sample"],
+                "version": int(meta.get("version", -1)),
+                "reward": float(meta.get("reward", float("nan"))),
+                "length": meta.get("length"),
+            }
+            for r, g, meta in zip(batch.rows, batch.groups, batch.meta)
+        ]
+
+    def _record_trained(self, step: int, records: list[dict[str, Any]]) -> None:
         st = self.stats.setdefault(step, StepStats(step, self.log.now()))
-        records = []
-        for r, g, meta in zip(batch.rows, batch.groups, batch.meta):
-            ver = int(meta.get("version", -1))
-            reward = float(meta.get("reward", float("nan")))
-            st.rewards.append(reward)
-            st.lags[step - ver] += 1
-            st.response_tokens += int(meta.get("length", 0))
+        for rec in records:
+            st.rewards.append(rec["reward"])
+            st.lags[step - rec["version"]] += 1
+            st.response_tokens += int(rec["length"] or 0)
             st.samples += 1
-            records.append(
-                {
-                    "step": step,
-                    "row": r,
-                    "group": g,
-                    "index": meta["index"],
-                    "sample": meta["sample"],
-                    "version": ver,
-                    "reward": reward,
-                    "length": meta.get("length"),
-                }
-            )
         self.log.samples(records)
 
     async def sync_weights(self, version: int) -> dict[str, Any]:
-        """Broadcast the actor's weights to every rollout engine; they then serve ``version``."""
+        """Broadcast the actor's weights to every rollout engine; they then serve ``version``.
+        Retried (after the supervisor replaced a dead worker) like any other stage."""
+        failures = 0
+        while True:
+            await self.wait_ready(*self.workers["actor"], *self.workers["rollout"])
+            try:
+                async with self.sync_lock:
+                    return await self._sync(version)
+            except (WorkerError, TransferError) as e:
+                failures = self.note_failure(f"weight sync to version {version}", e, failures)
+                await asyncio.sleep(min(0.05 * 2**failures, 2.0))
+
+    async def _sync(self, version: int) -> dict[str, Any]:
         actor = self.workers["actor"][0]
         start = self.log.now()
         sends = [self.call(actor, "sync_send")]
@@ -317,6 +401,12 @@ class Pipeline:
             )
         await self.set_version(version)
         return {"sync_s": end - start, "bytes": outs[0]["metrics"]["bytes"]}
+
+
+def _set_event() -> asyncio.Event:
+    e = asyncio.Event()
+    e.set()
+    return e
 
 
 def _at_least(p: Pipeline, version: int) -> Callable[[], bool]:

@@ -501,7 +501,8 @@ class TorchEngineBase:
             self._step = int(state["step"])
             if self.optimizer is not None and (source / OPTIMIZER_FILE).exists():
                 self._load_optimizer(source, state)
-        self.source_path = str(source)
+        # source_path stays the original model folder: tokenizer files are copied from there
+        # (a checkpoint folder may be pruned while training goes on)
 
     def _save_trainer_state(self, target: Path) -> None:
         state: dict[str, Any] = {"step": self._step, "optimizer": asdict(self.config.optimizer)}

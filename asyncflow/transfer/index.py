@@ -366,6 +366,26 @@ class SampleIndex:
             self._on_release(orphans)
         return lost
 
+    def invalidate(self, rows: Sequence[int], columns: Sequence[str]) -> None:
+        """Throw away ``columns`` of ``rows`` (e.g. responses whose reward failed under the
+        "regenerate" policy): they and everything derived from them are recomputed through
+        lineage, as if their storage unit had been lost. Stale copies are freed."""
+        orphans: dict[str, list[int]] = {}
+        for rid in rows:
+            row = self._rows.get(rid)
+            if row is None:
+                continue
+            gone = {c for c in columns if c in row.fields}
+            for c in gone:
+                fm = row.fields.pop(c)
+                self._drop_unit_entry(fm.unit, rid, c)
+                orphans.setdefault(fm.unit, []).append(rid)
+            if gone:
+                self._invalidate(rid, row, gone, orphans)
+        self._wake_touched()
+        if orphans and self._on_release is not None:
+            self._on_release(orphans)
+
     def _invalidate(
         self, rid: int, row: _Row, gone: set[str], orphans: dict[str, list[int]]
     ) -> None:

@@ -26,13 +26,27 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import torch
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from asyncflow.transfer.framing import FrameError, decode, encode, frame_size
 from asyncflow.transfer.storage import ColumnData, MissingRows, StorageUnit
 
 MAX_IDS = 1_000_000
+MAX_ID = (1 << 63) - 1  #: ids travel as int64
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: the counter (in ``WorkerServer.counters``, shown on ``/v1/info``) each refusal increments
+REFUSAL_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_encoding",
+}
 
 
 class BadRequest(ValueError):
@@ -47,29 +61,50 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def count(counters: dict[str, int], kind: str) -> None:
+    counters[kind] = counters.get(kind, 0) + 1
+
+
 def auth_middleware(token: str, counters: dict[str, int]) -> Any:
-    """Refuse any request without the run's bearer token; map errors to JSON 4xx answers."""
+    """Refuse any request without the run's bearer token; map errors to JSON 4xx answers.
+
+    Every refusal is counted in ``counters`` by kind (:data:`REFUSAL_KINDS`); answers of 500
+    (a bug or an engine failure, never the client's input) count as ``errors``."""
     expected = f"Bearer {token}".encode()
+
+    def refuse(status: int, message: str) -> web.Response:
+        count(counters, REFUSAL_KINDS.get(status, f"http_{status}"))
+        return json_error(status, message)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz":
-            got = request.headers.get("Authorization", "").encode()
+            # surrogatepass: a header that is not UTF-8 gives bytes that never equal ``expected``
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
             if not hmac.compare_digest(got, expected):
-                counters["unauthorized"] = counters.get("unauthorized", 0) + 1
-                return json_error(401, "missing or wrong run token")
+                return refuse(401, "missing or wrong run token")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            resp = refuse(415, f"Content-Encoding {encoding!r} is not accepted; send plain bodies")
+            resp.force_close()  # the unread body may not even decompress: drop the connection
+            return resp
         try:
             return await handler(request)
         except BadRequest as e:
-            counters["bad_request"] = counters.get("bad_request", 0) + 1
-            return json_error(e.status, str(e))
+            return refuse(e.status, str(e))
         except web.HTTPRequestEntityTooLarge:
-            counters["too_large"] = counters.get("too_large", 0) + 1
-            return json_error(413, "request body too large")
-        except web.HTTPException:
-            raise
+            return refuse(413, "request body too large")
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = refuse(e.status, e.reason)
+            if "Allow" in e.headers:
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
+        except (RequestPayloadError, HttpProcessingError) as e:  # broken chunking, cut bodies
+            return refuse(400, f"malformed request body: {e}")
         except Exception as e:  # a bug or an engine failure: say what, keep serving
-            counters["errors"] = counters.get("errors", 0) + 1
+            count(counters, "errors")
             traceback.print_exc(file=sys.stderr)
             return json_error(500, f"{type(e).__name__}: {e}")
 
@@ -77,24 +112,32 @@ def auth_middleware(token: str, counters: dict[str, int]) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (UTF-8, whatever charset the Content-Type claims)."""
+    raw = await request.read()
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"body is not JSON: {e}") from None
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit int, deep nesting
+        raise BadRequest(f"body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data
 
 
+def is_id(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= MAX_ID
+
+
 def id_list(value: Any, what: str = "rows") -> list[int]:
-    """Validate a list of non-negative integer ids."""
+    """Validate a list of integer ids in ``[0, 2**63)``."""
     if not isinstance(value, list):
         raise BadRequest(f"{what} must be a list of integers")
     if len(value) > MAX_IDS:
-        raise BadRequest(f"{what}: at most {MAX_IDS} ids per request")
+        raise BadRequest(f"{what}: at most {MAX_IDS} ids per request, got {len(value)}")
     for v in value:
-        if type(v) is not int or v < 0:
-            raise BadRequest(f"{what} must be non-negative integers, got {v!r}")
+        if not is_id(v):
+            shown = repr(v)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise BadRequest(f"{what} must be integers in [0, 2**63), got {shown}")
     return value
 
 
@@ -154,22 +197,30 @@ def storage_routes(unit: StorageUnit) -> list[web.RouteDef]:
             try:
                 data = unit.get(name, id_list(rows, f"columns[{name!r}]"))
             except MissingRows as e:
-                raise BadRequest(str(e), 404) from None
+                raise BadRequest(str(e.args[0]), 404) from None
+            except ValueError as e:  # rows of mismatched ranks cannot travel as one column
+                raise BadRequest(str(e)) from None
             tensors.update(column_tensors(name, data))
         return await send_frame(request, encode(tensors, {"unit": unit.name}))
 
     async def put(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request)
         try:
-            tensors, meta = decode(await read_body(request))
+            tensors, meta = decode(body)
         except FrameError as e:
             raise BadRequest(f"malformed frame: {e}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError, RuntimeError) as e:
+            # the header is untrusted JSON: any failure to read it is the sender's
+            raise BadRequest(f"malformed frame: {type(e).__name__}: {str(e)[:200]}") from None
         rows = id_list(meta.get("rows"), "__metadata__.rows")
-        shapes = {}
-        for name, data in _group_columns(tensors).items():
+        if len(set(rows)) != len(rows):
+            raise BadRequest("__metadata__.rows: duplicate row ids")
+        columns = _group_columns(tensors)
+        for name, data in columns.items():
             if len(data) != len(rows):
                 raise BadRequest(f"{name!r} has {len(data)} rows, metadata names {len(rows)}")
-            shapes[name] = data
-        out = {name: unit.put(name, rows, data) for name, data in shapes.items()}
+        # everything is validated before the first column is stored: a refusal changes nothing
+        out = {name: unit.put(name, rows, data) for name, data in columns.items()}
         return web.json_response({"shapes": {k: [list(s) for s in v] for k, v in out.items()}})
 
     async def free(request: web.Request) -> web.StreamResponse:
@@ -190,23 +241,37 @@ def storage_routes(unit: StorageUnit) -> list[web.RouteDef]:
     ]
 
 
-def _group_columns(tensors: dict[str, Any]) -> dict[str, ColumnData]:
+_LENGTH_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _group_columns(tensors: dict[str, torch.Tensor]) -> dict[str, ColumnData]:
+    """Columns of a put frame: ``col`` (rows along dim 0) or ``col.values`` + ``col.lengths``."""
     out: dict[str, ColumnData] = {}
     for name, t in tensors.items():
         if name.endswith(".lengths"):
+            if name.removesuffix(".lengths") + ".values" not in tensors:
+                raise BadRequest(f"{name!r} without its .values tensor")
             continue
-        if name.endswith(".values"):
-            base = name.removesuffix(".values")
-            lengths = tensors.get(f"{base}.lengths")
-            if lengths is None or lengths.dim() != 1 or int(lengths.sum()) != t.shape[0]:
-                raise BadRequest(f"{base!r}: ragged values need matching .lengths")
-            if (lengths < 0).any():
-                raise BadRequest(f"{base!r}: negative lengths")
-            out[base] = ColumnData(t, lengths)
-        else:
-            if t.dim() == 0:
-                raise BadRequest(f"{name!r}: a column needs a leading row dimension")
+        base = name.removesuffix(".values")
+        if not base:
+            raise BadRequest("a column needs a non-empty name")
+        if base in out or (base != name and base in tensors):
+            raise BadRequest(f"column {base!r} is given twice (plain and ragged)")
+        if t.dim() == 0:
+            raise BadRequest(f"{name!r}: a column needs a leading row dimension")
+        if base == name:
             out[name] = ColumnData(t)
+            continue
+        lengths = tensors.get(f"{base}.lengths")
+        if lengths is None or lengths.dim() != 1 or lengths.dtype not in _LENGTH_DTYPES:
+            raise BadRequest(f"{base!r}: ragged values need a 1-d integer .lengths tensor")
+        if (lengths < 0).any():
+            raise BadRequest(f"{base!r}: negative lengths")
+        if int(lengths.sum()) != t.shape[0]:
+            raise BadRequest(
+                f"{base!r}: .lengths sum to {int(lengths.sum())}, .values has {t.shape[0]} rows"
+            )
+        out[base] = ColumnData(t, lengths.to(torch.int64))
     return out
 
 

@@ -1,8 +1,16 @@
 """``python -m asyncflow.workers --role ROLE``: one worker process.
 
 Roles: ``storage`` (a bare storage unit), ``rollout``, ``reward``, ``reference``, ``actor``,
-``critic``. Role settings come as JSON (``--settings '{...}'`` or ``--settings @file.json``);
-the run's token from ``--token`` or the ``ASYNCFLOW_TOKEN`` environment variable.
+``critic``. Role settings come from the run's config, as the controller would build them
+(``--config configs/X.yaml key.sub=value ...``: the same preset and overrides the controller is
+given), and/or as JSON (``--settings '{...}'`` or ``--settings @file.json``), which is merged on
+top. The run's token comes from ``--token``, the ``ASYNCFLOW_TOKEN`` environment variable or the
+config's ``run.token``.
+
+A worker started by hand for a controller that attaches it by URL::
+
+    ASYNCFLOW_TOKEN=... python -m asyncflow.workers --role rollout --host 0.0.0.0 --port 8000 \
+        --config configs/tiny-grpo.yaml rollout.engine=transformers
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import signal
 import sys
 from typing import Any
 
+from asyncflow.config import Config, ConfigError, load_config
+from asyncflow.controller.settings import role_settings
 from asyncflow.transfer.storage import StorageUnit
 from asyncflow.workers.server import Role, WorkerServer
 
@@ -43,13 +53,33 @@ def make_role(role: str, settings: dict[str, Any]) -> Role:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m asyncflow.workers", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m asyncflow.workers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--name", default=None, help="storage unit name (default: ROLE-PID)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--token", default=os.environ.get("ASYNCFLOW_TOKEN"))
-    p.add_argument("--settings", default="{}", help="role settings as JSON, or @path.json")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="build the role's settings from this YAML preset (plus OVERRIDES), as the controller"
+        " does",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDES",
+        help="dotted config overrides, e.g. rollout.engine=transformers (imply the config tree)",
+    )
+    p.add_argument(
+        "--settings",
+        default="{}",
+        help="role settings as JSON, or @path.json (merged over the config's)",
+    )
     p.add_argument("--max-body", type=int, default=1 << 30, help="largest request body, bytes")
     return p.parse_args(argv)
 
@@ -64,6 +94,31 @@ def load_settings(raw: str) -> dict[str, Any]:
     return data
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, recursively for nested objects."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Config | None]:
+    """The role's settings: from the config tree if one is given, then ``--settings`` on top.
+
+    Returns the settings and the config (``None`` when neither ``--config`` nor overrides were
+    given: then ``--settings`` alone, as when the controller spawns the worker).
+    """
+    explicit = load_settings(args.settings)
+    if args.config is None and not args.overrides:
+        return explicit, None
+    cfg = load_config(args.config, args.overrides)
+    derived = role_settings(cfg).get(args.role, {})  # storage: nothing to derive
+    return _merge(derived, explicit), cfg
+
+
 def pin(settings: dict[str, Any]) -> None:
     """Restrict this process (and the threads it starts) to ``settings["cpus"]``."""
     cpus = settings.get("cpus")
@@ -73,13 +128,17 @@ def pin(settings: dict[str, Any]) -> None:
 
 
 async def amain(args: argparse.Namespace) -> None:
-    if not args.token:
-        raise SystemExit("a run token is required: --token or ASYNCFLOW_TOKEN")
-    settings = load_settings(args.settings)
+    try:
+        settings, cfg = resolve_settings(args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    token = args.token or (cfg.run.token if cfg is not None else None)
+    if not token:
+        raise SystemExit("a run token is required: --token, ASYNCFLOW_TOKEN or run.token")
     pin(settings)
     role = make_role(args.role, settings)
     unit = StorageUnit(args.name or f"{args.role}-{os.getpid()}")
-    server = WorkerServer(role, unit, args.token, args.host, args.port, args.max_body)
+    server = WorkerServer(role, unit, token, args.host, args.port, args.max_body)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -199,6 +199,8 @@ class RolloutRole:
         from asyncflow.engines.weight_sync import WeightReceiver
 
         p = req.params
+        if self.receiver is not None:  # the group is being formed anew (a worker was replaced)
+            self.receiver.close()
         self.receiver = WeightReceiver(
             str(p["host"]),
             int(p["port"]),

@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
+from yarl import URL
 
 from asyncflow.transfer.client import READ_BUFSIZE, TransferClient
-from asyncflow.transfer.index import BatchMeta
+from asyncflow.transfer.index import BatchMeta, FieldMeta
 from asyncflow.transfer.service import (
+    MAX_ID,
     BadRequest,
     auth_middleware,
+    id_list,
     read_json,
     storage_routes,
 )
@@ -154,23 +157,20 @@ class WorkerServer:
         )
 
     async def _work(self, request: web.Request) -> web.Response:
+        # The body is validated before the op is looked up: a malformed request is a 400
+        # whatever the op, and nothing (not even the client's unit map) changes on a refusal.
         op_name = request.match_info["op"]
+        body = await read_json(request)
+        batch = _parse_batch(body.get("batch"))
+        units = _parse_units(body.get("units", {}))
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise BadRequest('"params" must be an object')
         ops = self.role.ops()
         if op_name not in ops:
             raise BadRequest(
                 f"role {self.role.name!r} has no op {op_name!r}; it has {sorted(ops)}", 404
             )
-        body = await read_json(request)
-        batch = _parse_batch(body.get("batch"))
-        units = body.get("units", {})
-        if not isinstance(units, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v.startswith("http")
-            for k, v in units.items()
-        ):
-            raise BadRequest('"units" must map unit names to http URLs')
-        params = body.get("params", {})
-        if not isinstance(params, dict):
-            raise BadRequest('"params" must be an object')
         assert self._client is not None
         self._client.units.update(units)
         t0 = time.monotonic()
@@ -188,20 +188,68 @@ class WorkerServer:
         self._stop.set()
 
 
+def _parse_units(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise BadRequest('"units" must map unit names to http URLs')
+    for name, url in raw.items():
+        ok = False
+        if name and isinstance(url, str):
+            try:
+                parsed = URL(url)
+                ok = parsed.scheme in ("http", "https") and bool(parsed.host)
+            except (ValueError, TypeError):
+                ok = False
+        if not ok:
+            raise BadRequest(f'"units": {name!r} must map to an http URL, got {url!r:.80}')
+    return raw
+
+
+def _field_meta(col: str, entry: Any) -> FieldMeta:
+    if not (isinstance(entry, list) and len(entry) == 4):
+        raise BadRequest(
+            f"batch metadata: fields[{col!r}] entries are [unit, shape, dtype, version]"
+        )
+    unit, shape, dtype, version = entry
+    if not (isinstance(unit, str) and unit and isinstance(dtype, str) and type(version) is int):
+        raise BadRequest(
+            f"batch metadata: fields[{col!r}]: unit and dtype must be strings, version an integer"
+        )
+    if not isinstance(shape, list) or not all(type(s) is int and 0 <= s <= MAX_ID for s in shape):
+        raise BadRequest(f"batch metadata: fields[{col!r}]: shapes are lists of sizes >= 0")
+    return FieldMeta(unit, tuple(shape), dtype, version)
+
+
 def _parse_batch(raw: Any) -> BatchMeta | None:
+    """A ``BatchMeta`` from untrusted JSON: every part checked for type, sign and length."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise BadRequest('"batch" must be an object')
-    try:
-        batch = BatchMeta.from_json(raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadRequest(f"malformed batch metadata: {e!r}") from None
-    if any(len(f) != len(batch.rows) for f in batch.fields.values()):
-        raise BadRequest("batch metadata: every column needs one entry per row")
-    if any(r < 0 for r in batch.rows):
-        raise BadRequest("batch metadata: row ids must be non-negative")
-    return batch
+    missing = [k for k in ("task", "rows", "groups", "meta", "fields") if k not in raw]
+    if missing:
+        raise BadRequest(f"malformed batch metadata: missing {missing}")
+    if not isinstance(raw["task"], str):
+        raise BadRequest("batch metadata: task must be a string")
+    rows = id_list(raw["rows"], "batch.rows")
+    groups = raw["groups"]
+    if not isinstance(groups, list) or not all(type(g) is int and g >= 0 for g in groups):
+        raise BadRequest("batch metadata: groups must be a list of non-negative integers")
+    meta = raw["meta"]
+    if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
+        raise BadRequest("batch metadata: meta must be a list of objects")
+    fields = raw["fields"]
+    if not isinstance(fields, dict):
+        raise BadRequest("batch metadata: fields must be an object {column: [...]}")
+    for what, seq in (("groups", groups), ("meta", meta), *fields.items()):
+        if not isinstance(seq, list) or len(seq) != len(rows):
+            raise BadRequest(f"batch metadata: {what} needs one entry per row ({len(rows)} rows)")
+    return BatchMeta(
+        raw["task"],
+        rows,
+        groups,
+        {col: [_field_meta(col, e) for e in entries] for col, entries in fields.items()},
+        meta,
+    )
 
 
 def log(msg: str) -> None:

@@ -86,7 +86,7 @@ class TrainerRole:
         self.sender: Any = None
         self.pad_id = 0
         self._lock = asyncio.Lock()  # one compute at a time; ops queue up in order
-        self._stream_step: int | None = None
+        self._stream_step: tuple[int, int] | None = None  # (step, attempt) being accumulated
         self.busy_s = 0.0
 
     async def start(self) -> None:
@@ -145,23 +145,23 @@ class TrainerRole:
         )
 
     async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
-        step = int(req.params["step"])
+        key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
         cols = tuple(req.params.get("columns", ()))
         batch = await self._batch(req, cols)
         loss_fn = self._loss_fn()
 
         def work() -> dict[str, float]:
-            if self._stream_step != step:
+            if self._stream_step != key:  # a new step, or a retried one: fresh gradients
                 self.engine.begin_step(self._ctx(req.params))
-                self._stream_step = step
+                self._stream_step = key
             out: dict[str, float] = self.engine.accumulate(batch, loss_fn)
             return out
 
         return {"metrics": await self._run(work)}
 
     async def finish(self, req: WorkRequest) -> dict[str, Any]:
-        step = int(req.params["step"])
-        if self._stream_step != step:  # this rank got no micro-batch: join with zero grads
+        key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
+        if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
             self.engine.begin_step(self._ctx(req.params))
         self._stream_step = None
         metrics = await self._run(self.engine.finish_step)
@@ -208,6 +208,8 @@ class ActorRole(TrainerRole):
         from asyncflow.engines.weight_sync import WeightSender
 
         p = req.params
+        if self.sender is not None:  # the group is being formed anew (a worker was replaced)
+            self.sender.close()
         self.sender = WeightSender(
             str(p["host"]),
             int(p["port"]),

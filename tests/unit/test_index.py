@@ -267,3 +267,18 @@ async def test_partitioned_task_takes_only_its_partition() -> None:
     plain.register_task("other", ["x"])
     with pytest.raises(ValueError, match="not partitioned"):
         plain.try_get_batch("other", 1, partition=3)
+
+
+async def test_invalidate_sends_a_group_back_to_rollout() -> None:
+    freed: list[dict[str, list[int]]] = []
+    idx = grpo_index(freed.append)
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    b = await idx.get_batch("reward", 2)
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 0)})
+    idx.invalidate(g, ["response"])
+    assert all(not ({"response", "reward"} & idx.row_fields(r).keys()) for r in g)
+    assert {u for f in freed for u in f} == {"u1", "u2"}
+    b = idx.try_get_batch("rollout", 1)
+    assert b is not None and b.rows == g

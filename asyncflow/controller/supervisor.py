@@ -1,0 +1,170 @@
+"""Worker supervision: notice a dead worker within seconds, lose nothing, carry on.
+
+For every worker the supervisor runs one watch task: a spawned worker is watched through its
+process (its exit is noticed at once), an attached one through ``/healthz`` heartbeats. When a
+worker dies:
+
+1. its slot is marked not ready (stage loops for it pause; requests in flight fail and give their
+   rows back to the index);
+2. its storage unit is marked lost in the index, so every field it held -- and everything derived
+   from those fields -- is recomputed from the prompts (lineage);
+3. it is replaced: a spawned worker is restarted with a new storage-unit name; an attached one is
+   waited for at its URL (its orchestrator restarts it);
+4. state is restored: a trainer loads the checkpoint of the version it had reached (so keep
+   ``checkpoint.every=1`` where trainer faults must be survived), and the weight-sync group is
+   formed anew with every rollout engine, which then receives the current weights;
+5. the slot is marked ready and the loops resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from asyncflow.controller.pool import WorkerError, WorkerHandle, attach_worker
+from asyncflow.controller.stages import Pipeline
+
+Spawn = Callable[[str, int, int], Awaitable[WorkerHandle]]  # role, slot, generation
+InitSync = Callable[[], Awaitable[None]]
+
+
+class Supervisor:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spawn: Spawn,
+        init_sync: InitSync,
+        checkpoints: Path,
+        heartbeat_s: float,
+        start_timeout_s: float,
+    ) -> None:
+        self.p = pipeline
+        self.spawn = spawn
+        self.init_sync = init_sync
+        self.checkpoints = checkpoints
+        self.heartbeat_s = heartbeat_s
+        self.start_timeout_s = start_timeout_s
+        self.stopping = False
+        self.deaths: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._generation: dict[str, int] = {}
+
+    def watch_all(self) -> None:
+        for role, handles in self.p.workers.items():
+            for i, h in enumerate(handles):
+                self._watch(role, i, h)
+
+    def _watch(self, role: str, i: int, h: WorkerHandle) -> None:
+        task = asyncio.create_task(self._watch_one(role, i, h), name=f"watch-{h.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self.stopping = True
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _watch_one(self, role: str, i: int, h: WorkerHandle) -> None:
+        if h.proc is not None:
+            code = await h.proc.wait()
+            reason = f"process exited with code {code}"
+        else:
+            reason = await self._heartbeat(h)
+        if self.stopping:
+            return
+        await self._recover(role, i, h, reason)
+
+    async def _heartbeat(self, h: WorkerHandle) -> str:
+        misses = 0
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await h.get("/healthz", timeout=self.heartbeat_s)
+                misses = 0
+            except WorkerError as e:
+                misses += 1
+                if misses >= 3:
+                    return f"no heartbeat 3 times in a row ({e})"
+
+    async def _recover(self, role: str, i: int, dead: WorkerHandle, reason: str) -> None:
+        p = self.p
+        ready = p.ready.setdefault(dead.name, asyncio.Event())
+        ready.clear()
+        lost = p.index.mark_unit_lost(dead.unit)
+        event = {
+            "event": "worker_died",
+            "worker": dead.name,
+            "role": role,
+            "reason": reason,
+            "lost_fields": sum(len(r) for r in lost.values()),
+            "time_s": p.log.now(),
+        }
+        self.deaths.append(event)
+        p.log.metrics(event)
+        gen = self._generation.get(dead.name, 0) + 1
+        self._generation[dead.name] = gen
+        if dead.proc is not None:
+            new = await self.spawn(role, i, gen)
+        else:
+            new = await self._reattach(role, dead)
+        p.workers[role][i] = new
+        p.units[new.unit] = new.url
+        if role in ("actor", "critic"):
+            await self._restore_trainer(new)
+        if role in ("actor", "rollout"):
+            async with p.sync_lock:
+                await self.init_sync()
+                await self._push_weights()
+        p.log.metrics(
+            {
+                "event": "worker_replaced",
+                "worker": new.name,
+                "unit": new.unit,
+                "time_s": p.log.now(),
+            }
+        )
+        ready.set()
+        self._watch(role, i, new)
+
+    async def _reattach(self, role: str, dead: WorkerHandle) -> WorkerHandle:
+        async with asyncio.timeout(self.start_timeout_s):
+            while True:
+                try:
+                    return await attach_worker(role, dead.name, dead.url, dead.token)
+                except WorkerError:
+                    await asyncio.sleep(self.heartbeat_s)
+
+    async def _restore_trainer(self, new: WorkerHandle) -> None:
+        """Load the checkpoint of the version training had reached; without one, fail."""
+        version = self.p.version
+        path = self.checkpoints / f"step_{version:06d}"
+        if version == 0:
+            return  # nothing trained yet: the fresh worker's initial weights are right
+        if not (path / "trainer_state.json").exists():
+            raise RuntimeError(
+                f"{new.name} died at policy version {version} and there is no checkpoint at "
+                f"{path}; set checkpoint.every=1 to survive trainer failures"
+            )
+        await self.p.call(new, "load", params={"path": str(path)})
+
+    async def _push_weights(self) -> None:
+        """Send the actor's current weights to every rollout engine (a new one has none)."""
+        p = self.p
+        actor = p.workers["actor"][0]
+        info = await actor.get("/v1/info")
+        version = int(info.get("policy_version", p.version))
+        await asyncio.gather(
+            p.call(actor, "sync_send"), *(p.call(w, "sync_recv") for w in p.workers["rollout"])
+        )
+        p.log.metrics({"event": "weights_pushed", "version": version, "time_s": p.log.now()})
+
+
+def summary(deaths: list[dict[str, Any]]) -> str:
+    return json.dumps(deaths)
