@@ -20,7 +20,7 @@ from asyncflow.controller.controller import Controller
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-STEPS = 150
+STEPS = 300
 
 
 def run(tmp: Path, name: str, *overrides: str) -> Path:
@@ -45,7 +45,7 @@ def steps(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("runs")
-    common = [f"algorithm.steps={STEPS}", "eval.every=50", "run.seed=0"]
+    common = [f"algorithm.steps={STEPS}", "eval.every=100", "run.seed=0"]
     return {
         "async": run(tmp, "async", *common),
         "sync": run(tmp, "sync", *common, "algorithm.staleness=0", "algorithm.streaming=false"),
@@ -56,8 +56,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_default_grpo_raises_heldout_accuracy(runs: dict[str, Path]) -> None:
     acc = evals(runs["async"])
-    assert len(acc) == 1 + STEPS // 50
-    assert acc[-1] >= acc[0] + 0.04, f"held-out accuracy did not rise: {acc}"
+    assert len(acc) == 1 + STEPS // 100
+    assert acc[-1] >= acc[0] + 0.05, f"held-out accuracy did not rise: {acc}"
     summary = json.loads((runs["async"] / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["reward_failures"] == 0
 
