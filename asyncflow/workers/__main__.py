@@ -9,7 +9,7 @@ config's ``run.token``.
 
 A worker started by hand for a controller that attaches it by URL::
 
-    ASYNCFLOW_TOKEN=... python -m asyncflow.workers --role rollout --host 0.0.0.0 --port 8000 \
+    ASYNCFLOW_TOKEN=... python -m asyncflow.workers --role rollout --host 0.0.0.0 --port 8000 \\
         --config configs/tiny-grpo.yaml rollout.engine=transformers
 """
 
@@ -131,7 +131,8 @@ async def amain(args: argparse.Namespace) -> None:
     try:
         settings, cfg = resolve_settings(args)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     token = args.token or (cfg.run.token if cfg is not None else None)
     if not token:
         raise SystemExit("a run token is required: --token, ASYNCFLOW_TOKEN or run.token")
