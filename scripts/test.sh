@@ -8,4 +8,6 @@ bash scripts/setup.sh
 echo "== ruff"; ruff check asyncflow tests benchmarks
 ruff format --check asyncflow tests benchmarks
 echo "== mypy"; mypy asyncflow
+# docker-compose (Debian's 1.29) validates docker-compose.yml without a Docker engine.
+command -v docker-compose >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
 echo "== pytest"; python -m pytest -q -ra "$@"

@@ -33,6 +33,7 @@ from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.metrics import RunLog, StepStats, busy_by_worker, mean
 from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
+from asyncflow.controller.settings import role_settings
 from asyncflow.controller.stages import (
     Commit,
     Pipeline,
@@ -67,6 +68,12 @@ class Controller:
             config = Config()
         elif not isinstance(config, Config):
             config = from_tree(config)
+        if not config.run.token and os.environ.get("ASYNCFLOW_TOKEN"):
+            config = config.model_copy(
+                update={
+                    "run": config.run.model_copy(update={"token": os.environ["ASYNCFLOW_TOKEN"]})
+                }
+            )
         self.cfg = config.with_token()
         self.resume = resume
         self.supervisor: Supervisor | None = None
@@ -152,59 +159,6 @@ class Controller:
         self._stop.set()
 
     # ------------------------------------------------------------------ workers
-    def _settings(self) -> dict[str, dict[str, Any]]:
-        c = self.cfg
-        common = {"model": c.model.path, "seed": c.run.seed}
-        data = c.data.model_dump()
-        trainer = {"temperature": c.rollout.temperature or 1.0}
-        loss = {
-            "clip_low": c.algorithm.clip_low,
-            "clip_high": c.algorithm.clip_high,
-            "importance_mode": c.algorithm.importance_mode,
-            "importance_cap": c.algorithm.importance_cap,
-            "kl_coef": c.algorithm.kl_coef,
-            "kl_estimator": c.algorithm.kl_estimator,
-            "entropy_coef": c.algorithm.entropy_coef,
-        }
-        return {
-            "rollout": {
-                **common,
-                "engine": c.rollout.engine,
-                "vllm": c.rollout.vllm.model_dump(),
-                "max_model_len": c.model.max_model_len,
-                "data": data,
-                "eval": c.eval.model_dump(),
-                "sampling": {
-                    "max_new_tokens": c.rollout.max_new_tokens,
-                    "temperature": c.rollout.temperature,
-                    "top_p": c.rollout.top_p,
-                    "top_k": c.rollout.top_k,
-                },
-            },
-            "reward": {
-                **common,
-                "data": data,
-                "function": c.reward.function,
-                "timeout_s": c.reward.timeout_s,
-                "on_failure": c.reward.on_failure,
-                "normalize_std": c.algorithm.normalize_std,
-            },
-            "actor": {
-                **common,
-                **trainer,
-                **c.actor.model_dump(exclude={"urls", "workers"}),
-                "loss": loss,
-            },
-            "reference": {**common, **trainer, "threads": c.reference.threads},
-            "critic": {
-                **common,
-                **trainer,
-                **c.critic.model_dump(exclude={"urls", "workers"}),
-                "gamma": c.algorithm.gamma,
-                "lam": c.algorithm.lam,
-            },
-        }
-
     def _pin(self, settings: dict[str, dict[str, Any]]) -> None:
         """Rollout on the first half of the cores, trainer roles on the second half."""
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -233,7 +187,7 @@ class Controller:
         return roles
 
     async def _start_workers(self, run_dir: Path) -> None:
-        self._role_settings = self._settings()
+        self._role_settings = role_settings(self.cfg)
         self._pin(self._role_settings)
         self._dist_ports = {r: free_port(self.cfg.run.host) for r in ("actor", "critic")}
         token = self.cfg.run.token or ""
@@ -484,6 +438,7 @@ class Controller:
         assert p is not None
         path = (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()
         await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
+        path.mkdir(parents=True, exist_ok=True)  # the actor may be on another host
         state = {
             "step": step,
             "version": version,

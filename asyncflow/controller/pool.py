@@ -187,10 +187,21 @@ async def _ready_line(proc: asyncio.subprocess.Process, name: str) -> dict[str, 
             return msg
 
 
-async def attach_worker(role: str, name: str, url: str, token: str) -> WorkerHandle:
-    """A worker that already runs elsewhere (compose, another host): ask it who it is."""
+async def attach_worker(
+    role: str, name: str, url: str, token: str, wait_s: float = 600.0
+) -> WorkerHandle:
+    """A worker that already runs elsewhere (compose, another host): ask it who it is,
+    waiting up to ``wait_s`` for it to come up; a wrong token or role fails at once."""
     h = WorkerHandle(name, role, url.rstrip("/"), "", token)
-    info = await h.get("/v1/info", timeout=60.0)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            info = await h.get("/v1/info", timeout=30.0)
+            break
+        except WorkerError as e:
+            if e.status is not None or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(1.0)  # not listening yet
     if info.get("role") != role:
         raise WorkerError(name, f"{url} runs role {info.get('role')!r}, expected {role!r}")
     h.unit = str(info["unit"])

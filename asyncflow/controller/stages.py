@@ -184,12 +184,18 @@ class Pipeline:
             await self.wait_ready(self.handle(role, i))
             batch = await self.index.get_batch(spec.task, spec.batch)
             worker = self.handle(role, i)
+            if not self.ready.setdefault(worker.name, _set_event()).is_set():
+                self._give_back(spec.task, batch)  # it died while we waited for rows
+                continue
             try:
                 await self.run_op(spec, worker, batch)
                 failures = 0
             except (WorkerError, TransferError) as e:
                 failures = self.note_failure(f"{spec.task} on {worker.name}", e, failures)
                 await asyncio.sleep(min(0.05 * 2**failures, 2.0))  # back off; replacement due
+
+    def _give_back(self, task: str, batch: BatchMeta) -> None:
+        self.index.requeue(task, batch.rows, only_leased=True)
 
     def note_failure(self, what: str, error: BaseException, failures: int) -> int:
         failures += 1
@@ -215,9 +221,7 @@ class Pipeline:
         try:
             out = await self.call(worker, spec.op, batch, params)
         except BaseException:
-            self.index.requeue(
-                spec.task, [r for r in batch.rows if r in self.index._tasks[spec.task].leased]
-            )
+            self._give_back(spec.task, batch)
             raise
         produced = {
             col: (worker.unit, p["shapes"], p["dtype"], int(p.get("version", -1)))
@@ -328,9 +332,8 @@ class Pipeline:
         except BaseException:
             for p in pending:
                 p.cancel()
-            leased = self.index._tasks[task].leased
             for b in batches:
-                self.index.requeue(task, [r for r in b.rows if r in leased])
+                self._give_back(task, b)
             raise
         for w in ranks:
             self.log.span(Span(w.name, f"{task}-step", start, self.log.now(), 0, step, step))

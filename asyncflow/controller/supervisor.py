@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,7 @@ class Supervisor:
         }
         self.deaths.append(event)
         p.log.metrics(event)
+        await dead.stop()  # the process is gone; this closes its HTTP session
         gen = self._generation.get(dead.name, 0) + 1
         self._generation[dead.name] = gen
         if dead.proc is not None:
@@ -164,7 +164,3 @@ class Supervisor:
             p.call(actor, "sync_send"), *(p.call(w, "sync_recv") for w in p.workers["rollout"])
         )
         p.log.metrics({"event": "weights_pushed", "version": version, "time_s": p.log.now()})
-
-
-def summary(deaths: list[dict[str, Any]]) -> str:
-    return json.dumps(deaths)

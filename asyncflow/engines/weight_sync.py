@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,7 +56,15 @@ def open_group(
     )
     prefixed = dist.PrefixStore(_PREFIX, store)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        if os.environ.get("GLOO_SOCKET_IFNAME"):
+            return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        # Bind gloo to the local address that routes to the rendezvous host: by default it
+        # resolves this machine's hostname, which is often a loopback address, and peers on
+        # other hosts (or network namespaces) then cannot connect back.
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_route_to(host, port))]
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
     if backend == "nccl":
         nccl = getattr(dist, "ProcessGroupNCCL", None)
         if nccl is None:
@@ -63,6 +73,14 @@ def open_group(
         options._timeout = timeout
         return nccl(prefixed, rank, world_size, options)
     raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
+def _route_to(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        addr: str = s.getsockname()[0]
+        return addr
 
 
 @dataclass(frozen=True, slots=True)

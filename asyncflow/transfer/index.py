@@ -90,7 +90,7 @@ class _Task:
 @dataclass(slots=True)
 class _Waiter:
     n: int
-    future: asyncio.Future[list[int]]
+    future: asyncio.Future[BatchMeta]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,22 +258,25 @@ class SampleIndex:
             raise ValueError(f"batch size must be >= 1, got {n}")
         q = self._queue(t, partition)
         ids = self._try_take(t, q, n)
-        if ids is None:
-            fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-            waiter = _Waiter(n, fut)
-            q.waiters.append(waiter)
-            try:
-                ids = await fut
-            except BaseException:
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._unlease(t, fut.result())  # resolved just as we were cancelled
-                else:
-                    fut.cancel()
-                    if waiter in q.waiters:
-                        q.waiters.remove(waiter)
-                    self._wake(t, q)  # a smaller waiter behind us may be satisfiable now
-                raise
-        return self._meta(t, ids)
+        if ids is not None:
+            return self._meta(t, ids)
+        # The batch's metadata is built when the rows are leased (by the producer's call), so
+        # a loss between then and our wake-up only makes the pull fail, never this call.
+        fut: asyncio.Future[BatchMeta] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(n, fut)
+        q.waiters.append(waiter)
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                rows = [r for r in fut.result().rows if r in t.leased]
+                self._unlease(t, rows)  # resolved just as we were cancelled
+            else:
+                fut.cancel()
+                if waiter in q.waiters:
+                    q.waiters.remove(waiter)
+                self._wake(t, q)  # a smaller waiter behind us may be satisfiable now
+            raise
 
     def try_get_batch(self, task: str, n: int, *, partition: Any = None) -> BatchMeta | None:
         """Non-waiting form of :meth:`get_batch`: a batch if one is ready now, else None."""
@@ -327,10 +330,12 @@ class SampleIndex:
         self.ack(task, live_rows)
         return stale
 
-    def requeue(self, task: str, rows: Iterable[int]) -> None:
-        """Give leased rows back to ``task`` (its consumer failed); they become ready again."""
+    def requeue(self, task: str, rows: Iterable[int], *, only_leased: bool = False) -> None:
+        """Give leased rows back to ``task`` (its consumer failed); they become ready again.
+        ``only_leased`` skips rows no longer leased (a loss invalidated them meanwhile)."""
         t = self._task(task)
-        self._unlease(t, list(rows))
+        rows = [r for r in rows if r in t.leased] if only_leased else list(rows)
+        self._unlease(t, rows)
 
     def ready_count(self, task: str) -> int:
         """Rows (or groups) ready and not yet leased for ``task``; O(queue) only for stats."""
@@ -658,7 +663,7 @@ class SampleIndex:
             if items is None:
                 return
             q.waiters.popleft()
-            w.future.set_result(self._lease(t, items))
+            w.future.set_result(self._meta(t, self._lease(t, items)))
 
     def _meta(self, t: _Task, rows: list[int]) -> BatchMeta:
         row_objs = list(map(self._rows.__getitem__, rows))

@@ -13,8 +13,11 @@ GET stats  --                                          JSON: bytes and rows held
 =========  ==========================================  ===========================================
 
 Bad requests get a 4xx with a JSON ``{"error": ...}`` and change nothing: a missing or wrong
-token is 401, malformed JSON or ids 400, unknown rows 404, a body over the size limit 413.
-Nothing received is ever unpickled.
+token is 401 (on every path but ``/healthz``), malformed JSON, ids or frames 400, unknown rows
+or routes 404, a wrong method 405, a body over the size limit 413, a compressed body 415. Each
+refusal is counted by kind (:data:`REFUSAL_KINDS`; workers show the counts on ``/v1/info``); 500
+is only for a bug or an engine failure. Ids are integers in ``[0, 2**63)``, at most
+:data:`MAX_IDS` per list. Nothing received is ever unpickled.
 """
 
 from __future__ import annotations

@@ -181,8 +181,13 @@ class WorkerServer:
         return web.json_response(out)
 
     async def _shutdown(self, request: web.Request) -> web.Response:
+        # Read the (ignored) body and close the connection: a body left unread keeps the
+        # connection lingering, and the server's cleanup would wait ~10 s for it.
+        await request.read()
+        resp = web.json_response({"ok": True})
+        resp.force_close()
         self._stop.set()
-        return web.json_response({"ok": True})
+        return resp
 
     def stop(self) -> None:
         self._stop.set()
