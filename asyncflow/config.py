@@ -28,7 +28,9 @@ class RunConfig(_Section):
     token: str | None = None  #: shared secret of the run's HTTP endpoints (default: random)
     host: str = "127.0.0.1"  #: the address spawned workers bind to
     progress: bool = True  #: show a progress bar (tqdm) on a terminal
-    metrics_port: int | None = None  #: serve Prometheus /metrics on localhost at this port
+    #: serve Prometheus /metrics on localhost at this port (0: a free one, written to
+    #: RUN_DIR/metrics_url; null: off)
+    metrics_port: int | None = Field(0, ge=0)
     #: pin spawned workers to CPU cores: rollout on the first half of the cores, trainers on
     #: the second half (on a 2-core machine their threads otherwise thrash each other)
     pin_cpus: bool = True

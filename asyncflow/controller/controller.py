@@ -22,13 +22,15 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from asyncflow.config import Config, from_tree
+from asyncflow.controller.exporter import MetricsExporter
 from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.metrics import RunLog, StepStats, busy_by_worker, mean
 from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
@@ -42,6 +44,8 @@ from asyncflow.controller.stages import (
     stage_specs,
 )
 from asyncflow.controller.supervisor import Supervisor
+from asyncflow.report import write_report
+from asyncflow.report.tensorboard import TensorBoardWriter
 from asyncflow.tasks.sources import train_source
 from asyncflow.transfer.index import SampleIndex
 
@@ -97,6 +101,7 @@ class Controller:
             (run_dir / "config.json").write_text(json.dumps(public, indent=2))
         log = RunLog(run_dir, mode="a" if self.resume else "w")
         progress = Progress(cfg.algorithm.steps, enabled=cfg.run.progress)
+        live = await self._live_views(log)
         try:
             progress.note("starting workers")
             await self._start_workers(run_dir)
@@ -124,14 +129,45 @@ class Controller:
             await self._evaluate(cfg.algorithm.steps, log)
             self.summary = self._summarize(log)
             (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            progress.note("writing the report")
+            await self._report()
             return self.summary
         finally:
             progress.close()
+            for close in live:
+                await close()
             if self.supervisor is not None:
                 await self.supervisor.close()
             await cancel_all(list(self._bg))
             await self._stop_workers()
             log.close()
+
+    async def _live_views(self, log: RunLog) -> list[Callable[[], Awaitable[None]]]:
+        """Start /metrics (Prometheus) and TensorBoard; returns their closers."""
+        closers: list[Callable[[], Awaitable[None]]] = []
+        exporter = MetricsExporter(lambda: len(self.index))
+        log.listeners.append(lambda r: exporter.event(r) if "event" in r else exporter.step(r))
+        if self.cfg.run.metrics_port is not None:
+            url = await exporter.start(self.cfg.run.metrics_port)
+            (self.cfg.run_dir / "metrics_url").write_text(url + "\n")
+            closers.append(exporter.stop)
+        tb = TensorBoardWriter(self.cfg.run_dir)
+        if tb.enabled:
+            log.listeners.append(lambda r: tb.scalars(int(r.get("step", 0)), r))
+
+            async def close_tb() -> None:
+                tb.close()
+
+            closers.append(close_tb)
+        self.exporter = exporter
+        return closers
+
+    async def _report(self) -> None:
+        """Trace, plots and idle table of the finished run (never fails the run)."""
+        try:
+            await asyncio.to_thread(write_report, self.cfg.run_dir)
+        except Exception as e:  # a plotting problem must not lose a finished run
+            print(f"report not written: {type(e).__name__}: {e}", file=sys.stderr)
 
     async def _restore(self, state: dict[str, Any], log: RunLog) -> int:
         """Continue from a checkpoint: the actor's weights and optimizer, the loader position,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -69,6 +70,7 @@ class RunLog:
         self._samples: IO[str] = open(run_dir / "samples.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         self._spans: IO[str] = open(run_dir / "spans.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         self.spans: list[Span] = []
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.samples_written = _count_lines(run_dir / "samples.jsonl") if mode == "a" else 0
 
     def now(self) -> float:
@@ -79,6 +81,8 @@ class RunLog:
         self._spans.write(json.dumps(span.to_json()) + "\n")
 
     def metrics(self, record: dict[str, Any]) -> None:
+        for listener in self.listeners:  # live views: /metrics, TensorBoard
+            listener(record)
         self._metrics.write(json.dumps(record, default=float) + "\n")
         self._metrics.flush()
         self._spans.flush()

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 
 from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller
+from asyncflow.controller.exporter import NAMES
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -24,8 +26,9 @@ STEPS = 300
 
 
 def run(tmp: Path, name: str, *overrides: str) -> Path:
-    cfg = load_config(None, [f"run.output_dir={tmp}", f"run.name={name}", "run.progress=false",
-                             *overrides])
+    cfg = load_config(
+        None, [f"run.output_dir={tmp}", f"run.name={name}", "run.progress=false", *overrides]
+    )
     uvloop.run(Controller(cfg).run())
     return cfg.run_dir
 
@@ -49,8 +52,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "async": run(tmp, "async", *common),
         "sync": run(tmp, "sync", *common, "algorithm.staleness=0", "algorithm.streaming=false"),
-        "k2": run(tmp, "k2", "algorithm.steps=12", "eval.every=0", "eval.size=32",
-                  "algorithm.staleness=2"),
+        "k2": run(
+            tmp, "k2", "algorithm.steps=12", "eval.every=0", "eval.size=32", "algorithm.staleness=2"
+        ),
     }
 
 
@@ -63,8 +67,9 @@ def test_default_grpo_raises_heldout_accuracy(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name, k", [("sync", 0), ("async", 1), ("k2", 2)])
-def test_no_trained_sample_exceeds_the_staleness_bound(runs: dict[str, Path], name: str,
-                                                        k: int) -> None:
+def test_no_trained_sample_exceeds_the_staleness_bound(
+    runs: dict[str, Path], name: str, k: int
+) -> None:
     samples = jsonl(runs[name] / "samples.jsonl")
     n_steps = len(steps(runs[name]))
     assert len(samples) == n_steps * 64
@@ -100,9 +105,17 @@ def test_sync_and_async_reach_comparable_accuracy(runs: dict[str, Path]) -> None
 
 
 def test_ppo_completes_and_the_critic_learns(tmp_path: Path) -> None:
-    run_dir = run(tmp_path, "ppo", "algorithm.name=ppo", "algorithm.steps=30",
-                  "algorithm.prompts_per_step=16", "algorithm.samples_per_prompt=4",
-                  "algorithm.micro_batch_groups=4", "eval.every=0", "eval.size=64")
+    run_dir = run(
+        tmp_path,
+        "ppo",
+        "algorithm.name=ppo",
+        "algorithm.steps=30",
+        "algorithm.prompts_per_step=16",
+        "algorithm.samples_per_prompt=4",
+        "algorithm.micro_batch_groups=4",
+        "eval.every=0",
+        "eval.size=64",
+    )
     losses = [s["value_loss"] for s in steps(run_dir)]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -118,20 +131,60 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-async def test_embedded_in_a_running_loop_leaves_no_worker(tmp_path: Path) -> None:
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=embed", "run.progress=false",
-                             "algorithm.steps=3", "eval.size=16", "rollout.engine=transformers"])
+async def scrape_when_trained(run_dir: Path) -> str:
+    """The /metrics text once the run has finished a step."""
+    async with asyncio.timeout(300):
+        while not (run_dir / "metrics_url").exists() or not steps(run_dir):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        url = (run_dir / "metrics_url").read_text().strip()
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            assert r.status == 200
+            return await r.text()
+
+
+async def test_embedded_in_a_running_loop_serves_metrics_and_leaves_no_worker(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=embed",
+            "run.progress=false",
+            "algorithm.steps=4",
+            "eval.size=16",
+            "rollout.engine=transformers",
+        ],
+    )
     controller = Controller(cfg)
+    scrape = asyncio.create_task(scrape_when_trained(cfg.run_dir))
     summary = await controller.run()  # pytest-asyncio's loop is already running
-    assert summary["steps"] == 3
+    text = await scrape
+    assert summary["steps"] == 4
+    for name in NAMES:
+        assert f"\n{name}" in "\n" + text, name
+    assert 'asyncflow_worker_idle_fraction{worker="rollout0"}' in text
     pids = [h.proc.pid for hs in controller.workers.values() for h in hs if h.proc]
     assert len(pids) == 3 and not any(alive(p) for p in pids)
+    report = cfg.run_dir / "report"
+    trace = json.loads((report / "trace.json").read_text())
+    assert trace["traceEvents"]
+    assert sorted(p.name for p in report.glob("*.png"))
+    assert all(p.stat().st_size > 1000 for p in report.glob("*.png"))
 
 
 async def test_cancelled_run_leaves_no_worker(tmp_path: Path) -> None:
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=cancel",
-                             "run.progress=false", "algorithm.steps=1000", "eval.size=16",
-                             "rollout.engine=transformers"])
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=cancel",
+            "run.progress=false",
+            "algorithm.steps=1000",
+            "eval.size=16",
+            "rollout.engine=transformers",
+        ],
+    )
     controller = Controller(cfg)
     task = asyncio.create_task(controller.run())
     while not (cfg.run_dir / "metrics.jsonl").exists() or not steps(cfg.run_dir):  # noqa: ASYNC110
