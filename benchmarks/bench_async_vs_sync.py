@@ -27,18 +27,30 @@ MODES = {  # name -> (run-directory tag, overrides)
 
 
 def idle(run_dir: Path) -> dict[str, float]:
-    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if x.strip() and '"event"' not in x]
+    steps = [
+        json.loads(x)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if x.strip() and '"event"' not in x
+    ]
     names = steps[0]["idle_frac"].keys() if steps else []
     return {n: statistics.mean(s["idle_frac"][n] for s in steps) for n in names}
 
 
 async def run_mode(tag: str, extra: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(None, [
-        f"algorithm.steps={args.steps}", "eval.every=0", f"eval.size={args.eval_size}",
-        f"run.name=bench-{tag}", f"run.output_dir={args.output_dir}", "run.progress=false",
-        f"run.seed={args.seed}", *extra, *args.overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"algorithm.steps={args.steps}",
+            "eval.every=0",
+            f"eval.size={args.eval_size}",
+            f"run.name=bench-{tag}",
+            f"run.output_dir={args.output_dir}",
+            "run.progress=false",
+            f"run.seed={args.seed}",
+            *extra,
+            *args.overrides,
+        ],
+    )
     summary = await Controller(cfg).run()
     summary["idle"] = idle(cfg.run_dir)
     return summary
@@ -50,23 +62,32 @@ async def amain(args: argparse.Namespace) -> None:
         print(f"running {name} for {args.steps} steps ...", flush=True)
         results[name] = await run_mode(tag, extra, args)
     print()
-    print(f"{'mode':28s} {'samples/s':>10s} {'tokens/s':>10s} {'acc start':>10s} "
-          f"{'acc end':>8s}  idle fraction per worker")
+    print(
+        f"{'mode':28s} {'samples/s':>10s} {'tokens/s':>10s} {'acc start':>10s} "
+        f"{'acc end':>8s}  idle fraction per worker"
+    )
     for name, s in results.items():
         idle_txt = ", ".join(f"{w} {v:.2f}" for w, v in s["idle"].items())
-        print(f"{name:28s} {s['samples_per_s']:10.1f} {s['tokens_per_s']:10.0f} "
-              f"{s['eval_accuracy_start']:10.3f} {s['eval_accuracy_end']:8.3f}  {idle_txt}")
+        print(
+            f"{name:28s} {s['samples_per_s']:10.1f} {s['tokens_per_s']:10.0f} "
+            f"{s['eval_accuracy_start']:10.3f} {s['eval_accuracy_end']:8.3f}  {idle_txt}"
+        )
     sync, asyn = results.values()
-    print(f"\nasync / sync: samples/s {asyn['samples_per_s'] / sync['samples_per_s']:.2f}x, "
-          f"tokens/s {asyn['tokens_per_s'] / sync['tokens_per_s']:.2f}x "
-          f"(target >= 2.0; the paper reports 1.59 on average)")
-    print(f"final held-out accuracy: sync {sync['eval_accuracy_end']:.3f}, "
-          f"async {asyn['eval_accuracy_end']:.3f} ({args.eval_size} problems, ~+-3 points)")
+    print(
+        f"\nasync / sync: samples/s {asyn['samples_per_s'] / sync['samples_per_s']:.2f}x, "
+        f"tokens/s {asyn['tokens_per_s'] / sync['tokens_per_s']:.2f}x "
+        f"(target >= 2.0; the paper reports 1.59 on average)"
+    )
+    print(
+        f"final held-out accuracy: sync {sync['eval_accuracy_end']:.3f}, "
+        f"async {asyn['eval_accuracy_end']:.3f} ({args.eval_size} problems, ~+-3 points)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=256)

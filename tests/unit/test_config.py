@@ -24,8 +24,15 @@ def test_every_preset_loads(path: Path) -> None:
 
 
 def test_overrides_are_typed_from_yaml() -> None:
-    cfg = load_config(None, ["actor.lr=1e-5", "algorithm.streaming=false",
-                             "rollout.urls=[http://a:1, http://b:2]", "run.name=x"])
+    cfg = load_config(
+        None,
+        [
+            "actor.lr=1e-5",
+            "algorithm.streaming=false",
+            "rollout.urls=[http://a:1, http://b:2]",
+            "run.name=x",
+        ],
+    )
     assert cfg.actor.lr == 1e-5 and cfg.algorithm.streaming is False
     assert cfg.rollout.urls == ["http://a:1", "http://b:2"] and cfg.run.name == "x"
     assert parse_override("a.b=3") == (["a", "b"], 3)
