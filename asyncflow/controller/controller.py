@@ -344,6 +344,8 @@ class Controller:
                                     name=f"{spec.task}-{w.name}-{j}",
                                 )
                             )
+                if self.supervisor is not None:
+                    loops.append(tg.create_task(self.supervisor.wait_fatal(), name="supervise"))
                 driver = tg.create_task(self._steps(log, progress, first), name="train")
                 driver.add_done_callback(lambda _t: [t.cancel() for t in loops])
         except BaseExceptionGroup as eg:

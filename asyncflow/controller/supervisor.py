@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class Supervisor:
         self.deaths: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation: dict[str, int] = {}
+        self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def watch_all(self) -> None:
         for role, handles in self.p.workers.items():
@@ -78,7 +80,19 @@ class Supervisor:
             reason = await self._heartbeat(h)
         if self.stopping:
             return
-        await self._recover(role, i, h, reason)
+        try:
+            await self._recover(role, i, h, reason)
+        except Exception as e:  # recovery itself failed: the run must stop, loudly
+            self.p.log.metrics({"event": "recovery_failed", "worker": h.name,
+                                "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc()[-2000:]})
+            if not self.fatal.done():
+                self.fatal.set_exception(RuntimeError(
+                    f"could not replace {h.name} ({reason}): {type(e).__name__}: {e}"))
+
+    async def wait_fatal(self) -> None:
+        """Raises once a recovery has failed (run it beside the stage loops)."""
+        await self.fatal
 
     async def _heartbeat(self, h: WorkerHandle) -> str:
         misses = 0

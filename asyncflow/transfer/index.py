@@ -407,6 +407,11 @@ class SampleIndex:
         reset = users | {p for c in derived if (p := self._producer.get(c)) is not None}
         for name in reset:
             t = self._tasks[name]
+            if rid in t.leased and not t.produces:
+                # A final consumer (the trainer) already pulled this row: its use of the old
+                # data is whole. It acks (trained once) or requeues (then the row waits for
+                # the recomputed fields like any other).
+                continue
             if rid in t.consumed:
                 t.consumed.discard(rid)
                 row.acked_by -= 1

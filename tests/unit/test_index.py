@@ -282,3 +282,20 @@ async def test_invalidate_sends_a_group_back_to_rollout() -> None:
     assert {u for f in freed for u in f} == {"u1", "u2"}
     b = idx.try_get_batch("rollout", 1)
     assert b is not None and b.rows == g
+
+
+async def test_loss_while_the_trainer_holds_a_row_trains_it_once() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    b = await idx.get_batch("reward", 2)
+    idx.complete("reward", b.rows, {"reward": ("u2", [], "float32", 0)})
+    training = await idx.get_batch("train", 1)  # the trainer pulled the data ...
+    idx.mark_unit_lost("u2")  # ... then the reward worker died
+    idx.ack("train", training.rows)  # its update used the old data: trained once
+    b = idx.try_get_batch("reward", 2)  # the lost rewards are recomputed for the other tasks
+    assert b is not None
+    idx.complete("reward", b.rows, {"reward": ("u3", [], "float32", 0)})
+    assert idx.try_get_batch("train", 1) is None  # but never trained again
+    assert len(idx) == 0  # and every task has now consumed the group: released
