@@ -46,7 +46,7 @@ from asyncflow.controller.stages import (
 from asyncflow.controller.supervisor import Supervisor
 from asyncflow.report import write_report
 from asyncflow.report.tensorboard import TensorBoardWriter
-from asyncflow.tasks.sources import train_source
+from asyncflow.tasks.sources import resolve_model, train_source
 from asyncflow.transfer.index import SampleIndex
 
 #: OpenMP threads that spin while waiting steal the core from the engine's own Python thread and
@@ -105,7 +105,19 @@ class Controller:
         try:
             progress.note("starting workers")
             await self._start_workers(run_dir)
-            source = train_source(cfg.data.model_dump(), cfg.run.seed)
+            source = train_source(
+                role_settings(cfg)["rollout"]["data"],
+                cfg.run.seed,
+                str(resolve_model(cfg.model.path)),
+            )
+            if source.skipped:
+                log.metrics(
+                    {
+                        "event": "bad_rows",
+                        "count": len(source.skipped),
+                        "first": source.skipped[:20],
+                    }
+                )
             loader = PromptLoader(len(source), cfg.run.seed, cfg.data.shuffle)
             register_tasks(self.index, cfg)
             self.pipeline = Pipeline(cfg, self.index, self.workers, loader, log)

@@ -24,6 +24,7 @@ def role_settings(cfg: Config) -> dict[str, dict[str, Any]]:
     """The settings of every worker role (JSON-ready), keyed by role name."""
     common: dict[str, Any] = {"model": cfg.model.path, "seed": cfg.run.seed}
     data = cfg.data.model_dump()
+    data["max_prompt_tokens"] = max(cfg.model.max_model_len - cfg.rollout.max_new_tokens, 1)
     # the trainer roles score log-probs at the rollout temperature (0 means greedy: use 1)
     trainer: dict[str, Any] = {"temperature": cfg.rollout.temperature or 1.0}
     alg = cfg.algorithm

@@ -83,12 +83,18 @@ class Supervisor:
         try:
             await self._recover(role, i, h, reason)
         except Exception as e:  # recovery itself failed: the run must stop, loudly
-            self.p.log.metrics({"event": "recovery_failed", "worker": h.name,
-                                "error": f"{type(e).__name__}: {e}",
-                                "traceback": traceback.format_exc()[-2000:]})
+            self.p.log.metrics(
+                {
+                    "event": "recovery_failed",
+                    "worker": h.name,
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()[-2000:],
+                }
+            )
             if not self.fatal.done():
-                self.fatal.set_exception(RuntimeError(
-                    f"could not replace {h.name} ({reason}): {type(e).__name__}: {e}"))
+                self.fatal.set_exception(
+                    RuntimeError(f"could not replace {h.name} ({reason}): {type(e).__name__}: {e}")
+                )
 
     async def wait_fatal(self) -> None:
         """Raises once a recovery has failed (run it beside the stage loops)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asyncflow.tasks.datasets import PromptSource, load_builtin, load_prompts
+from asyncflow.tasks.datasets import PromptRow, PromptSource, load_builtin, load_prompts
 
 BUILTIN_MODELS = ("builtin:tiny-adder",)
 BUILTIN_REWARDS = {
@@ -42,17 +42,30 @@ def reward_spec(function: str) -> tuple[str, bool]:
     return function, False
 
 
-def train_source(data: dict[str, Any], seed: int) -> PromptSource:
-    """The training prompts named by a ``data`` config section (as a dict)."""
+def train_source(data: dict[str, Any], seed: int, model_dir: str | None = None) -> PromptSource:
+    """The training prompts named by a ``data`` config section (as a dict).
+
+    With ``data["max_prompt_tokens"]`` and the model folder, prompts longer than that many
+    tokens (they would not fit the engine's ``max_model_len`` with the response) are bad rows:
+    skipped and counted, or an error, per ``on_bad_row`` -- the same in every process."""
     src = data.get("source", "builtin:arithmetic")
     if src == "builtin:arithmetic":
         return load_builtin("train", int(data.get("train_size", 20_000)), seed)
+    limit = data.get("max_prompt_tokens")
+    count = None
+    if limit and model_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        count = lambda text: len(tok.encode(text))  # noqa: E731
     return load_prompts(
         src,
         data.get("on_bad_row", "skip"),
         prompt_field=data.get("prompt_field", "prompt"),
         answer_field=data.get("answer_field", "answer"),
         max_prompt_chars=int(data.get("max_prompt_chars", 4096)),
+        max_prompt_tokens=int(limit) if count and limit else None,
+        count_tokens=count,
     )
 
 
@@ -69,3 +82,14 @@ def eval_source(data: dict[str, Any], eval_cfg: dict[str, Any], seed: int) -> Pr
     if data.get("source", "builtin:arithmetic") != "builtin:arithmetic":
         raise ValueError("eval.source is required when data.source is not the built-in task")
     return load_builtin("eval", int(eval_cfg.get("size", 256)), seed)
+
+
+def prompt_row(source: PromptSource, meta: dict[str, Any]) -> PromptRow:
+    """The dataset row a sample's metadata names; a bad index is the caller's mistake."""
+    index = meta.get("index")
+    if type(index) is not int or not 0 <= index < len(source):
+        raise LookupError(
+            f"row metadata names dataset index {index!r}; the dataset "
+            f"{source.name} has {len(source)} rows"
+        )
+    return source[index]

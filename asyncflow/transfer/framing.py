@@ -105,14 +105,14 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor]
         raise FrameError(f"header length {hlen} does not fit a frame of {mv.nbytes} bytes")
     try:
         header = json.loads(bytes(mv[8 : 8 + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrameError(f"header is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # incl. JSONDecodeError
+        raise FrameError(f"header is not JSON: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
         raise FrameError("header is not a JSON object")
     meta_raw = header.pop("__metadata__", {}) or {}
     try:
         metadata = {k: json.loads(v) for k, v in meta_raw.items()}
-    except (AttributeError, TypeError, json.JSONDecodeError) as e:
+    except (AttributeError, TypeError, ValueError, RecursionError) as e:
         raise FrameError(f"bad __metadata__: {e}") from None
     data = mv[8 + hlen :]
     writable = not mv.readonly
@@ -125,8 +125,13 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor]
 def _tensor(name: str, info: Any, data: memoryview, writable: bool) -> torch.Tensor:
     try:
         dtype = CODES[info["dtype"]]
-        shape = [int(s) for s in info["shape"]]
-        start, end = (int(x) for x in info["data_offsets"])
+        raw_shape, raw_offsets = info["shape"], info["data_offsets"]
+        if not isinstance(raw_shape, list) or not isinstance(raw_offsets, list):
+            raise TypeError("shape and data_offsets must be lists")
+        if not all(type(x) is int for x in [*raw_shape, *raw_offsets]):
+            raise TypeError("shape and data_offsets must hold integers")
+        shape = list(raw_shape)
+        start, end = raw_offsets
     except (KeyError, TypeError, ValueError) as e:
         raise FrameError(f"bad header entry for {name!r}: {e!r}") from None
     if any(s < 0 for s in shape) or not 0 <= start <= end <= data.nbytes:

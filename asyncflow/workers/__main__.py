@@ -88,9 +88,12 @@ def load_settings(raw: str) -> dict[str, Any]:
     if raw.startswith("@"):
         with open(raw[1:], encoding="utf-8") as f:
             raw = f.read()
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --settings is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError("--settings must be a JSON object")
+        raise SystemExit("error: --settings must be a JSON object")
     return data
 
 

@@ -21,7 +21,7 @@ import torch
 
 from asyncflow.algorithms.advantages import grpo_advantages
 from asyncflow.rewards.functions import RewardScorer
-from asyncflow.tasks.sources import resolve_model, reward_spec, train_source
+from asyncflow.tasks.sources import prompt_row, resolve_model, reward_spec, train_source
 from asyncflow.workers.server import Op, Produced, WorkRequest
 
 
@@ -31,7 +31,9 @@ class RewardRole:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
         self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
-        self.train = train_source(self.settings.get("data", {}), int(self.settings.get("seed", 0)))
+        self.train = train_source(
+            self.settings.get("data", {}), int(self.settings.get("seed", 0)), self.model_dir
+        )
         spec, trusted = reward_spec(self.settings.get("function", "builtin:arithmetic"))
         self.scorer = RewardScorer(
             spec,
@@ -69,7 +71,7 @@ class RewardRole:
         texts = self.tokenizer.batch_decode(
             [r.tolist() for r in responses], skip_special_tokens=True
         )
-        rows = [self.train[int(m["index"])] for m in batch.meta]
+        rows = [prompt_row(self.train, m) for m in batch.meta]
         results = await asyncio.gather(
             *(self.scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
         )

@@ -25,7 +25,13 @@ import torch
 
 from asyncflow.engines.protocols import Completion, RolloutEngine, SamplingConfig
 from asyncflow.rewards.functions import RewardScorer
-from asyncflow.tasks.sources import eval_source, resolve_model, reward_spec, train_source
+from asyncflow.tasks.sources import (
+    eval_source,
+    prompt_row,
+    resolve_model,
+    reward_spec,
+    train_source,
+)
 from asyncflow.transfer.framing import dtype_name
 from asyncflow.transfer.storage import ColumnData
 from asyncflow.workers.server import Op, Produced, WorkRequest, log
@@ -65,7 +71,7 @@ class RolloutRole:
         self.settings = dict(settings)
         self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
         seed = int(self.settings.get("seed", 0))
-        self.train = train_source(self.settings.get("data", {}), seed)
+        self.train = train_source(self.settings.get("data", {}), seed, self.model_dir)
         self.eval = eval_source(self.settings.get("data", {}), self.settings.get("eval", {}), seed)
         self.sampling = self.settings.get("sampling", {})
         self.engine = make_engine(self.settings, self.model_dir)
@@ -135,7 +141,7 @@ class RolloutRole:
         if batch is None:
             raise ValueError("generate needs a batch")
         base_seed = req.params.get("seed")
-        prompts = [self._encode(self.train[int(m["index"])].prompt) for m in batch.meta]
+        prompts = [self._encode(prompt_row(self.train, m).prompt) for m in batch.meta]
         outs = await asyncio.gather(
             *(
                 self._complete(

@@ -176,6 +176,8 @@ class WorkerServer:
         t0 = time.monotonic()
         try:
             out = await ops[op_name](WorkRequest(batch, params, self._client, self.unit))
+        except LookupError as e:  # the request named rows/indices that don't exist
+            raise BadRequest(str(e), 404) from None
         finally:
             self.busy_s += time.monotonic() - t0
         return web.json_response(out)
