@@ -34,6 +34,9 @@ class RunConfig(_Section):
     #: pin spawned workers to CPU cores: rollout on the first half of the cores, trainers on
     #: the second half (on a 2-core machine their threads otherwise thrash each other)
     pin_cpus: bool = True
+    #: with pin_cpus: "split" gives trainers only the second half; "overlap" lets trainers use
+    #: every core (their threads then take up the cores rollout leaves idle)
+    cpu_layout: Literal["split", "overlap"] = "split"
 
 
 class ModelConfig(_Section):

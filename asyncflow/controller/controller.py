@@ -216,10 +216,11 @@ class Controller:
         settings["rollout"]["cpus"] = cpus[:half]
         if self.cfg.rollout.vllm.cpu_threads_bind is None:
             settings["rollout"]["vllm"]["cpu_threads_bind"] = ",".join(map(str, cpus[:half]))
+        mine = cpus[half:] if self.cfg.run.cpu_layout == "split" else cpus
         for role in ("actor", "reference", "critic"):
-            settings[role]["cpus"] = cpus[half:]
+            settings[role]["cpus"] = mine
             if not settings[role].get("threads"):
-                settings[role]["threads"] = len(cpus) - half
+                settings[role]["threads"] = len(mine)
 
     def _roles(self) -> dict[str, tuple[int, list[str]]]:
         c = self.cfg
