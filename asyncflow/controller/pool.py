@@ -69,30 +69,23 @@ class WorkerHandle:
         self, path: str, body: Mapping[str, Any] | None = None, *, timeout: float = 600.0
     ) -> dict[str, Any]:
         """POST JSON to the worker; raise :class:`WorkerError` on anything but a 200."""
-        try:
-            async with asyncio.timeout(timeout):
-                async with self.session().post(self.url + path, json=body or {}) as resp:
-                    data = await resp.read()
-                    if resp.status != 200:
-                        raise WorkerError(
-                            self.name,
-                            f"{path}: HTTP {resp.status}: {data[:800].decode(errors='replace')}",
-                            resp.status,
-                        )
-                    out: dict[str, Any] = json.loads(data)
-                    return out
-        except TimeoutError:
-            raise WorkerError(self.name, f"{path}: no answer within {timeout:.0f} s") from None
-        except aiohttp.ClientError as e:
-            raise WorkerError(self.name, f"{path}: {type(e).__name__}: {e}") from None
+        return await self._request("POST", path, dict(body or {}), timeout)
 
     async def get(self, path: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        return await self._request("GET", path, None, timeout)
+
+    async def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
         try:
             async with asyncio.timeout(timeout):
-                async with self.session().get(self.url + path) as resp:
+                async with self.session().request(method, self.url + path, json=body) as resp:
                     data = await resp.read()
                     if resp.status != 200:
-                        raise WorkerError(self.name, f"{path}: HTTP {resp.status}", resp.status)
+                        text = data[:800].decode(errors="replace")
+                        raise WorkerError(
+                            self.name, f"{path}: HTTP {resp.status}: {text}", resp.status
+                        )
                     out: dict[str, Any] = json.loads(data)
                     return out
         except TimeoutError:
