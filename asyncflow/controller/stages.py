@@ -51,6 +51,8 @@ Commit = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Awaitable[None]]
 #: retries beyond ``workers.retries`` that a loop may spend waiting for a dead worker's
 #: replacement (with back-off up to 2 s, about a minute) before the run fails
 MAX_QUIET_RETRIES = 30
+#: a group whose reward failed is regenerated at most this many times, then scored as is
+MAX_REGENERATIONS = 2
 
 GRPO_TASKS: list[tuple[str, list[str], list[str], dict[str, Any]]] = [
     ("rollout", ["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], {"groups": True}),
@@ -248,7 +250,27 @@ class Pipeline:
             for r in live:
                 self.index.row_meta(r)["reward"] = float(m["rewards"][pos[r]])
             if m.get("n_failed"):
-                self.failures.extend({"row": r, "error": e} for r, e in m.get("failed", []))
+                failed = m.get("failed", [])
+                self.failures.extend({"row": r, "error": e} for r, e in failed)
+                if self.cfg.reward.on_failure == "regenerate":
+                    self._regenerate({int(r) for r, _ in failed} & set(live), batch)
+
+    def _regenerate(self, rows: set[int], batch: BatchMeta) -> None:
+        """Policy "regenerate": a failed score sends its whole group back to rollout (a GRPO
+        group is normalised together), at most ``MAX_REGENERATIONS`` times, then it scores 0."""
+        groups = {g for r, g in zip(batch.rows, batch.groups) if r in rows}
+        for g in groups:
+            members = self.index.group_rows(g)
+            meta = self.index.row_meta(members[0])
+            if meta.get("regenerated", 0) >= MAX_REGENERATIONS:
+                continue
+            for r in members:
+                m = self.index.row_meta(r)
+                m["regenerated"] = m.get("regenerated", 0) + 1
+            self.index.invalidate(members, ["prompt_ids", "response_ids", "rollout_logprobs"])
+            self.log.metrics(
+                {"event": "regenerate", "group": g, "rows": members, "time_s": self.log.now()}
+            )
 
     async def call(
         self,

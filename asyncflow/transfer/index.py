@@ -56,6 +56,9 @@ class _Row:
     fields: dict[str, FieldMeta] = field(default_factory=dict)
     version: int = -1  # newest policy version among its produced fields
     acked_by: int = 0  # number of tasks that consumed it
+    # units holding a superseded copy of some field: freed with the row, not at once -- a
+    # free sent now could arrive after the recomputed field is put there again
+    stale_units: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -350,11 +353,10 @@ class SampleIndex:
         columns and every column derived from them (transitively, through the tasks that
         consume and produce them) are dropped, and the tasks that produce or consume those
         columns forget the row, so it flows through them again from its surviving inputs.
-        Stale derived copies on other units are reported through ``on_release`` to be freed.
+        Superseded copies on other units are freed with the row (through ``on_release``).
         """
         held = self._unit_rows.pop(unit, {})
         lost: dict[str, list[int]] = {}
-        orphans: dict[str, list[int]] = {}
         for rid, cols in held.items():
             row = self._rows.get(rid)
             if row is None:
@@ -365,17 +367,15 @@ class SampleIndex:
                 del row.fields[c]
             self.lost_fields += len(gone)
             if gone:
-                self._invalidate(rid, row, gone, orphans)
+                self._invalidate(rid, row, gone)
         self._wake_touched()
-        if orphans and self._on_release is not None:
-            self._on_release(orphans)
         return lost
 
     def invalidate(self, rows: Sequence[int], columns: Sequence[str]) -> None:
         """Throw away ``columns`` of ``rows`` (e.g. responses whose reward failed under the
         "regenerate" policy): they and everything derived from them are recomputed through
-        lineage, as if their storage unit had been lost. Stale copies are freed."""
-        orphans: dict[str, list[int]] = {}
+        lineage, as if their storage unit had been lost. Superseded copies are freed when the
+        row is released."""
         for rid in rows:
             row = self._rows.get(rid)
             if row is None:
@@ -384,16 +384,12 @@ class SampleIndex:
             for c in gone:
                 fm = row.fields.pop(c)
                 self._drop_unit_entry(fm.unit, rid, c)
-                orphans.setdefault(fm.unit, []).append(rid)
+                row.stale_units.add(fm.unit)
             if gone:
-                self._invalidate(rid, row, gone, orphans)
+                self._invalidate(rid, row, gone)
         self._wake_touched()
-        if orphans and self._on_release is not None:
-            self._on_release(orphans)
 
-    def _invalidate(
-        self, rid: int, row: _Row, gone: set[str], orphans: dict[str, list[int]]
-    ) -> None:
+    def _invalidate(self, rid: int, row: _Row, gone: set[str]) -> None:
         derived = self._downstream(frozenset(gone))
         users = {t.name for c in derived for t in self._by_column.get(c, ())}
         if all(rid in self._tasks[u].consumed for u in users):
@@ -402,7 +398,7 @@ class SampleIndex:
             fm = row.fields.pop(c, None)
             if fm is not None:
                 self._drop_unit_entry(fm.unit, rid, c)
-                orphans.setdefault(fm.unit, []).append(rid)
+                row.stale_units.add(fm.unit)
         row.version = max((f.version for f in row.fields.values()), default=-1)
         reset = users | {p for c in derived if (p := self._producer.get(c)) is not None}
         for name in reset:
@@ -681,7 +677,7 @@ class SampleIndex:
     def _release(self, rid: int, row: _Row, out: dict[str, list[int]]) -> None:
         for col, fm in row.fields.items():
             self._drop_unit_entry(fm.unit, rid, col)
-        for unit in {fm.unit for fm in row.fields.values()}:
+        for unit in {fm.unit for fm in row.fields.values()} | row.stale_units:
             out.setdefault(unit, []).append(rid)
         del self._rows[rid]
         for t in self._tasks.values():
