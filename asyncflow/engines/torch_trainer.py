@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from asyncflow.engines.packing import pack_shared_prompts, packed_token_logprobs
 from asyncflow.engines.protocols import LossContext, LossFn, TrainBatch
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -76,6 +77,8 @@ class TrainerConfig:
     logprob_chunk: int = 256  # positions per log-softmax chunk
     forward_batch_size: int | None = None  # rows per forward in logprobs(); None: all
     attn_implementation: str = "sdpa"
+    #: one forward per group of rows sharing a prompt (GRPO): see :mod:`.packing`
+    shared_prefix: bool = True
     device: str | None = None  # None: cuda:<local_rank> when available, else cpu
 
 
@@ -563,6 +566,23 @@ class TorchTrainingEngine(TorchEngineBase):
     def _outputs(
         self, module: nn.Module, batch: TrainBatch, with_entropy: bool, entropy_grad: bool = False
     ) -> dict[str, torch.Tensor]:
+        packed = pack_shared_prompts(batch) if self.config.shared_prefix else None
+        if packed is not None:
+            dev, dtype = self.device, next(self.module.parameters()).dtype
+            logits = module(
+                input_ids=packed.input_ids.to(dev),
+                attention_mask=packed.attention_mask.to(dev, dtype),  # additive, model dtype
+                position_ids=packed.position_ids.to(dev),
+                use_cache=False,
+            ).logits  # (G, S, V)
+            return packed_token_logprobs(
+                logits,
+                packed.to(dev),
+                self.config.temperature,
+                self.config.logprob_chunk,
+                with_entropy,
+                entropy_grad,
+            )
         logits = module(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).logits  # (B, T, V)

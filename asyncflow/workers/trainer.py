@@ -86,6 +86,9 @@ class TrainerRole:
         self.sender: Any = None
         self.pad_id = 0
         self._lock = asyncio.Lock()  # one compute at a time; ops queue up in order
+        #: held while a weight sync reads the weights: the optimizer step (and a checkpoint
+        #: load) wait for it, forward/backward of the next step's micro-batches need not
+        self._weights_lock = asyncio.Lock()
         self._stream_step: tuple[int, int] | None = None  # (step, attempt) being accumulated
         self.busy_s = 0.0
 
@@ -164,7 +167,8 @@ class TrainerRole:
         if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
             self.engine.begin_step(self._ctx(req.params))
         self._stream_step = None
-        metrics = await self._run(self.engine.finish_step)
+        async with self._weights_lock:
+            metrics = await self._run(self.engine.finish_step)
         return {"metrics": metrics, "version": self.engine.step}
 
     def _loss_fn(self) -> Any:
@@ -180,7 +184,8 @@ class TrainerRole:
 
     async def load(self, req: WorkRequest) -> dict[str, Any]:
         path = str(req.params["path"])
-        await self._run(self.engine.load, path)
+        async with self._weights_lock:
+            await self._run(self.engine.load, path)
         return {"ok": True, "version": self.engine.step}
 
 
@@ -224,8 +229,13 @@ class ActorRole(TrainerRole):
     async def sync_send(self, req: WorkRequest) -> dict[str, Any]:
         if self.sender is None:
             raise ValueError("sync_send before sync_init")
-        version = self.engine.step
-        stats = await self._run(self.sender.send, list(self.engine.named_weights()), version)
+        # Not under the compute lock: the send mostly waits for the rollout engines to reach a
+        # step boundary, and the next step's forward/backward (which only reads the weights)
+        # runs meanwhile; the optimizer step waits for the weights lock.
+        async with self._weights_lock:
+            version = self.engine.step
+            weights = list(self.engine.named_weights())
+            stats = await asyncio.to_thread(self.sender.send, weights, version)
         return {"version": version, "metrics": {"seconds": stats.seconds, "bytes": stats.bytes}}
 
 
