@@ -53,6 +53,7 @@ def workloads(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             "max_new_tokens": 32,
             "lr": args.tiny_lr,
             "eval_size": args.tiny_eval_size,
+            "bf16": False,  # a 1M model gains nothing from bfloat16 on this CPU
         },
         "smollm2": {
             "label": "SmolLM2-135M-Instruct",
@@ -65,6 +66,9 @@ def workloads(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             "max_new_tokens": 32,
             "lr": args.smollm_lr,
             "eval_size": args.smollm_eval_size,
+            # both sides train under bfloat16 autocast (float32 weights): TRL's bf16=True,
+            # AsyncFlow's actor.mixed_precision=bf16 (the preset)
+            "bf16": True,
         },
     }
 
@@ -93,6 +97,7 @@ def run_trl(w: dict[str, Any], args: argparse.Namespace, name: str) -> dict[str,
         str(args.seed),
         "--output-dir",
         str(Path(args.output_dir) / f"trl-{name}"),
+        *(["--bf16"] if w["bf16"] else []),
     ]
     # The same OpenMP waiting policy AsyncFlow gives its workers (PASSIVE unless set): with
     # busy-waiting threads, a side slows down far more on a loaded machine.
@@ -131,6 +136,8 @@ async def run_asyncflow(w: dict[str, Any], args: argparse.Namespace, name: str) 
         "rollout.temperature=1.0",
         "algorithm.kl_coef=0.0",
         "eval.every=0",
+        "checkpoint.at_end=false",  # TRL saves nothing either (save_strategy="no")
+        f"actor.mixed_precision={'bf16' if w['bf16'] else 'no'}",
         f"eval.size={w['eval_size']}",
         f"run.seed={args.seed}",
         f"run.name=asyncflow-{name}",
@@ -301,7 +308,7 @@ def main() -> None:
     p.add_argument("--tiny-lr", type=float, default=3e-5)
     p.add_argument("--tiny-eval-size", type=int, default=256)
     p.add_argument("--smollm-path", default="models/smollm2-135m")
-    p.add_argument("--smollm-steps", type=int, default=4)
+    p.add_argument("--smollm-steps", type=int, default=10)
     p.add_argument("--smollm-prompts", type=int, default=4)
     p.add_argument("--smollm-samples", type=int, default=4)
     p.add_argument("--smollm-lr", type=float, default=1e-6)

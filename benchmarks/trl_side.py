@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,  # bfloat16 autocast over float32 weights
         seed=args.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -289,6 +289,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--output-dir", default="runs/bench-trl/trl")
+    p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
     args = p.parse_args()
     with PeakMemory() as mem:
         out = run(args)

@@ -432,7 +432,8 @@ class Controller:
         """What makes step ``step``'s update durable before its rows count as trained: a
         checkpoint when one is due (every ``checkpoint.every`` steps, and after the last)."""
         every = self.cfg.checkpoint.every
-        due = (every and (step + 1) % every == 0) or step + 1 == self.cfg.algorithm.steps
+        last = step + 1 == self.cfg.algorithm.steps
+        due = (every and (step + 1) % every == 0) or (last and self.cfg.checkpoint.at_end)
 
         async def commit(outs: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
             if due:

@@ -78,7 +78,8 @@ class TorchCriticEngine(TorchEngineBase):
     def _outputs(
         self, module: nn.Module, batch: TrainBatch, with_entropy: bool, entropy_grad: bool = False
     ) -> dict[str, torch.Tensor]:
-        state_values = module(batch.input_ids, batch.attention_mask)  # (B, T): V after x_<=t
+        with self._autocast():
+            state_values = module(batch.input_ids, batch.attention_mask).float()  # (B, T)
         zeros = torch.zeros_like(state_values[:, :1])  # (B, 1)
         values = torch.cat([zeros, state_values[:, :-1]], dim=1)  # (B, T): V before x_t
         keep = batch.attention_mask.bool()

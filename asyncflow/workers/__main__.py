@@ -142,7 +142,9 @@ async def amain(args: argparse.Namespace) -> None:
     pin(settings)
     role = make_role(args.role, settings)
     unit = StorageUnit(args.name or f"{args.role}-{os.getpid()}")
-    server = WorkerServer(role, unit, token, args.host, args.port, args.max_body)
+    server = WorkerServer(
+        role, unit, token, args.host, args.port, args.max_body, detach_stdout=True
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -90,6 +90,9 @@ class WorkerServer:
     counters: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    #: after the ready line, point stdout at stderr (the worker's log); set by the worker
+    #: process's entry point, never in-process (it would redirect the embedding program's stdout)
+    detach_stdout: bool = False
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _client: TransferClient | None = None
 
@@ -132,6 +135,8 @@ class WorkerServer:
             ),
             flush=True,
         )
+        if self.detach_stdout:
+            stdout_to_stderr()
         try:
             await self._stop.wait()
         finally:
@@ -262,3 +267,13 @@ def _parse_batch(raw: Any) -> BatchMeta | None:
 def log(msg: str) -> None:
     """Worker diagnostics go to stderr; stdout carries only the ready line."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def stdout_to_stderr() -> None:
+    """Send everything later written to stdout (fd 1) to stderr (fd 2), the worker's log.
+
+    The controller reads a spawned worker's stdout only until the ready line; libraries keep
+    printing there (vLLM logs a warning on every weight reload), and once the unread pipe holds
+    64 KiB the next write blocks the worker forever. Child processes inherit the new fd 1."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

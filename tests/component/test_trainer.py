@@ -136,6 +136,29 @@ def test_train_step_lowers_loss_on_the_batch(model_dir: Path) -> None:
     assert engine.step == 1
 
 
+def test_bf16_autocast_trains_in_float32_state(model_dir: Path) -> None:
+    """mixed_precision="bf16": log-probs near the float32 ones (bf16 rounding only), weights,
+    gradients and optimizer state stay float32, and a step still lowers the loss."""
+    exact = TorchTrainingEngine(model_dir, config(), trainable=False)
+    engine = TorchTrainingEngine(model_dir, config(lr=1e-2, mixed_precision="bf16"))
+    batch = make_batch()
+    keep = batch.attention_mask.bool()
+    want = exact.logprobs(batch)["logprobs"][keep]
+    got = engine.logprobs(batch)["logprobs"]
+    assert got.dtype == torch.float32
+    diff = (got[keep] - want).abs()
+    assert 0 < float(diff.max()) < 0.1  # rounded (so autocast is on), but close
+    batch.tensors["old_logprobs"] = got
+    objective = PolicyObjective(PolicyLossConfig(clip_low=10.0, clip_high=10.0))
+    ctx = LossContext(float(batch.loss_mask.sum()), 4)
+    before = float(objective(engine.logprobs(batch), batch, ctx)[0])
+    engine.train_step(split(batch, 2), objective)
+    assert float(objective(engine.logprobs(batch), batch, ctx)[0]) < before - 1e-3
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TorchTrainingEngine(model_dir, config(mixed_precision="fp8")).logprobs(batch)
+
+
 def test_named_weights_are_hf_state_dict_names(model_dir: Path) -> None:
     engine = TorchTrainingEngine(model_dir, config(), trainable=False)
     names = {name for name, _ in engine.named_weights()}
