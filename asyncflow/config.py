@@ -130,8 +130,8 @@ class TrainerConfig(_Section):
     urls: list[str] = Field(default_factory=list)
     threads: int | None = None  #: torch threads per trainer process (default: torch's)
     #: "bf16": forward/backward under bfloat16 autocast (float32 weights, optimizer and loss);
-    #: about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs; "no": float32 throughout
-    mixed_precision: Literal["no", "bf16"] = "no"
+    #: about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs; "fp32": float32 throughout
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class SyncConfig(_Section):

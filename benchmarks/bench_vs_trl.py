@@ -137,7 +137,7 @@ async def run_asyncflow(w: dict[str, Any], args: argparse.Namespace, name: str) 
         "algorithm.kl_coef=0.0",
         "eval.every=0",
         "checkpoint.at_end=false",  # TRL saves nothing either (save_strategy="no")
-        f"actor.mixed_precision={'bf16' if w['bf16'] else 'no'}",
+        f"actor.mixed_precision={'bf16' if w['bf16'] else 'fp32'}",
         f"eval.size={w['eval_size']}",
         f"run.seed={args.seed}",
         f"run.name=asyncflow-{name}",
@@ -308,7 +308,7 @@ def main() -> None:
     p.add_argument("--tiny-lr", type=float, default=3e-5)
     p.add_argument("--tiny-eval-size", type=int, default=256)
     p.add_argument("--smollm-path", default="models/smollm2-135m")
-    p.add_argument("--smollm-steps", type=int, default=10)
+    p.add_argument("--smollm-steps", type=int, default=20)
     p.add_argument("--smollm-prompts", type=int, default=4)
     p.add_argument("--smollm-samples", type=int, default=4)
     p.add_argument("--smollm-lr", type=float, default=1e-6)

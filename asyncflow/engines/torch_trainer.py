@@ -80,8 +80,8 @@ class TrainerConfig:
     #: one forward per group of rows sharing a prompt (GRPO): see :mod:`.packing`
     shared_prefix: bool = True
     #: "bf16": the model's forward (and so its backward) under bfloat16 autocast; weights,
-    #: gradients, optimizer state, log-softmax and loss stay float32. "no": float32 throughout.
-    mixed_precision: str = "no"
+    #: gradients, optimizer state, log-softmax and loss stay float32. "fp32": float32 throughout.
+    mixed_precision: str = "fp32"
     device: str | None = None  # None: cuda:<local_rank> when available, else cpu
 
 
@@ -312,10 +312,10 @@ class TorchEngineBase:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         mode = self.config.mixed_precision
-        if mode == "no":
+        if mode == "fp32":
             return contextlib.nullcontext()
         if mode != "bf16":
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', not {mode!r}")
+            raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', not {mode!r}")
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # --- training ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def _engine_config(settings: Mapping[str, Any]) -> Any:
         seed=int(settings.get("seed", 0)),
         temperature=float(settings.get("temperature", 1.0)),
         device=settings.get("device"),
-        mixed_precision=str(settings.get("mixed_precision", "no")),
+        mixed_precision=str(settings.get("mixed_precision", "fp32")),
     )
 
 

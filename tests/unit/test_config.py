@@ -45,6 +45,7 @@ def test_overrides_are_typed_from_yaml() -> None:
         (["nope=1"], "nope: unknown key"),
         (["algorithm.staleness=-1"], "algorithm.staleness: Input should be greater"),
         (["rollout.engine=foo"], "rollout.engine: Input should be 'vllm' or 'transformers'"),
+        (["actor.mixed_precision=fp8"], "actor.mixed_precision: Input should be 'fp32' or 'bf16'"),
         (["actor.lr=fast"], "actor.lr: Input should be a valid number"),
         (["algorithm.samples_per_prompt=1"], "GRPO needs samples_per_prompt >= 2"),
         (["actor.workers=8"], "actor.workers=8 ranks need at least"),
