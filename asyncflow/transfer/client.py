@@ -9,6 +9,7 @@ cumulative offsets) for ragged token sequences. The controller is never on this 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -222,12 +223,34 @@ def _assemble(
             for i, (u, _) in enumerate(slots):  # each unit's rows arrive in batch order
                 positions.setdefault(u, []).append(i)
             for u, pos in positions.items():
-                out[torch.tensor(pos)] = parts[u].values
+                _place_rows(out, pos, parts[u].values)
             return ColumnData(out)
     rows_of = {u: p.split() for u, p in parts.items()}
     ts = [rows_of[u][j] for u, j in slots]
     lengths = torch.tensor([t.shape[0] if t.dim() else 1 for t in ts], dtype=torch.int64)
     return ColumnData(torch.cat([t.reshape(-1, *t.shape[1:]) for t in ts]), lengths)
+
+
+def _place_rows(out: torch.Tensor, pos: list[int], values: torch.Tensor) -> None:
+    """``out[pos] = values`` for rows, as plain (strided) copies where the positions allow.
+
+    Advanced-index assignment is 4x slower than a strided copy of the same bytes; a unit's rows
+    usually sit at evenly spaced positions (rows dealt round-robin) or in a few runs."""
+    if len(pos) == 1 or all(b - a == pos[1] - pos[0] > 0 for a, b in itertools.pairwise(pos)):
+        step = pos[1] - pos[0] if len(pos) > 1 else 1
+        out[pos[0] : pos[-1] + 1 : step].copy_(values)
+        return
+    runs: list[tuple[int, int]] = []  # [start, end) in pos of consecutive positions
+    start = 0
+    for i in range(1, len(pos) + 1):
+        if i == len(pos) or pos[i] != pos[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    if len(runs) <= 16:
+        for a, b in runs:
+            out[pos[a] : pos[a] + (b - a)].copy_(values[a:b])
+        return
+    out.index_copy_(0, torch.tensor(pos, dtype=torch.int64), values)
 
 
 class _Payload(aiohttp.payload.Payload):

@@ -49,12 +49,31 @@ class ColumnData:
         return list(torch.split(self.values, self.lengths.tolist(), dim=0))
 
 
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """The rows of one put, as they arrived: getting a run of them back is a slice."""
+
+    data: ColumnData
+    offsets: list[int] | None  # ragged: where each row starts along dim 0 (n + 1 entries)
+
+    def slice(self, first: int, n: int) -> ColumnData:
+        if self.offsets is None:
+            return ColumnData(self.data.values[first : first + n])
+        lengths = self.data.lengths
+        assert lengths is not None
+        start, end = self.offsets[first], self.offsets[first + n]
+        return ColumnData(self.data.values[start:end], lengths[first : first + n].long())
+
+
 class StorageUnit:
     """Holds ``column -> row -> tensor`` for one worker."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._cols: dict[str, dict[int, torch.Tensor]] = {}
+        #: column -> row -> (the put it came with, its ordinal there): lets a get of rows that
+        #: were put together, in order, skip the per-row checks (a few dict lookups per row)
+        self._where: dict[str, dict[int, tuple[_Block, int]]] = {}
         self.bytes_held = 0
 
     def put(
@@ -69,13 +88,27 @@ class StorageUnit:
         per_row = data.split() if isinstance(data, ColumnData) else list(data)
         if len(per_row) != len(rows):
             raise ValueError(f"{column!r}: {len(per_row)} tensors for {len(rows)} rows")
+        block: _Block | None = None
+        if isinstance(data, ColumnData):
+            detached = ColumnData(
+                data.values.detach(), None if data.lengths is None else data.lengths.detach()
+            )
+            offsets = None
+            if data.lengths is not None:
+                offsets = [0, *torch.cumsum(data.lengths, 0).tolist()]
+            block = _Block(detached, offsets)
         col = self._cols.setdefault(column, {})
-        for rid, t in zip(rows, per_row):
+        where = self._where.setdefault(column, {})
+        for i, (rid, t) in enumerate(zip(rows, per_row)):
             old = col.get(rid)
             if old is not None:
                 self.bytes_held -= old.nbytes
             col[rid] = t.detach()
             self.bytes_held += t.nbytes
+            if block is not None:
+                where[rid] = (block, i)
+            else:
+                where.pop(rid, None)
         return [tuple(t.shape) for t in per_row]
 
     def get(self, column: str, rows: Sequence[int]) -> ColumnData:
@@ -86,6 +119,9 @@ class StorageUnit:
             raise MissingRows(column, [r for r in rows if r not in col]) from None
         if not ts:
             return ColumnData(torch.empty(0))
+        run = self._same_put(column, rows)
+        if run is not None:
+            return run
         shape0 = ts[0].shape
         if all(t.shape == shape0 for t in ts):
             block = _adjacent(ts)
@@ -99,6 +135,22 @@ class StorageUnit:
         values = block.view(-1, *shape0[1:]) if block is not None else torch.cat(ts)
         return ColumnData(values, lengths)
 
+    def _same_put(self, column: str, rows: Sequence[int]) -> ColumnData | None:
+        """The rows as one slice when they are a run of one put, in order; else None."""
+        where = self._where.get(column)
+        if not where:
+            return None
+        try:
+            locs = [where[r] for r in rows]
+        except KeyError:
+            return None
+        block, first = locs[0]
+        if all(b is block for b, _ in locs) and [i for _, i in locs] == list(
+            range(first, first + len(locs))
+        ):
+            return block.slice(first, len(locs))
+        return None
+
     def free(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> int:
         """Drop rows (of ``columns``, default all); returns how many (row, column) were freed."""
         n = 0
@@ -106,7 +158,9 @@ class StorageUnit:
             col = self._cols.get(name)
             if col is None:
                 continue
+            where = self._where.get(name, {})
             for r in rows:
+                where.pop(r, None)
                 t = col.pop(r, None)
                 if t is not None:
                     self.bytes_held -= t.nbytes

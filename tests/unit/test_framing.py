@@ -96,3 +96,49 @@ def test_storage_put_batch_then_get_same_rows_is_zero_copy() -> None:
     assert torch.equal(got.values, block[[4, 2]])
     assert unit.free([2, 3]) == 2
     assert not unit.has("ids", [2])
+
+
+def test_storage_runs_of_one_put_are_slices_and_overwrites_are_seen() -> None:
+    unit = StorageUnit("u")
+    values = torch.arange(30, dtype=torch.int64)
+    lengths = torch.tensor([3, 0, 5, 2, 20], dtype=torch.int32)  # ragged, int32 lengths
+    unit.put("ids", [10, 11, 12, 13, 14], ColumnData(values, lengths))
+    got = unit.get("ids", [12, 13, 14])
+    assert got.values.data_ptr() == values[3].data_ptr()  # a view: no copy
+    assert got.lengths is not None and got.lengths.dtype == torch.int64
+    assert got.lengths.tolist() == [5, 2, 20] and torch.equal(got.values, values[3:])
+    # a row put again on its own: later gets see the new data, runs across it are gathered
+    unit.put("ids", [12], [torch.tensor([-1, -2])])
+    got = unit.get("ids", [11, 12, 13])
+    assert got.lengths is not None and got.lengths.tolist() == [0, 2, 2]
+    assert got.values.tolist() == [-1, -2, 8, 9]
+    # rows of two puts, each in order: gathered, right values
+    unit.put("ids", [20, 21], ColumnData(torch.tensor([7, 8, 9]), torch.tensor([1, 2])))
+    got = unit.get("ids", [13, 14, 20, 21])
+    assert got.values.tolist() == [8, 9, *range(10, 30), 7, 8, 9]
+    # freed rows are gone from the fast path too
+    unit.free([13])
+    with pytest.raises(KeyError):
+        unit.get("ids", [13, 14])
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        [3],
+        list(range(0, 12, 2)),  # round-robin over two units
+        list(range(1, 12, 3)),
+        [0, 1, 2, 7, 8, 11],  # a few runs
+        [11, 4, 0, 7, 2, 9],  # scattered, out of order
+        [5, 3, 1],  # evenly spaced but descending
+    ],
+)
+def test_place_rows_matches_index_assignment(positions: list[int]) -> None:
+    from asyncflow.transfer.client import _place_rows
+
+    values = torch.arange(len(positions) * 3, dtype=torch.float32).reshape(-1, 3)
+    want = torch.full((12, 3), -1.0)
+    want[torch.tensor(positions)] = values
+    got = torch.full((12, 3), -1.0)
+    _place_rows(got, positions, values)
+    assert torch.equal(got, want)
