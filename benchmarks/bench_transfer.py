@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from asyncflow.controller.pool import WorkerHandle, spawn_worker
+from asyncflow.controller.pool import MALLOC_TUNABLES, WorkerHandle, spawn_worker
 from asyncflow.transfer.client import TransferClient
 from asyncflow.transfer.index import SampleIndex
 
@@ -246,6 +246,12 @@ def main() -> None:
     p.add_argument("--large-rows", type=int, default=4096)
     p.add_argument("--tq-python", default=os.environ.get("TQ_PYTHON", sys.executable))
     args = p.parse_args()
+    if "GLIBC_TUNABLES" not in os.environ:
+        # The consumer here stands for a worker process: give it (and the TransferQueue side,
+        # which inherits it) the allocator settings every spawned worker gets. glibc reads
+        # them at process start, hence the re-exec.
+        env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     try:
         import uvloop
 

@@ -1,4 +1,5 @@
-"""A spawned worker never blocks on its stdout after the ready line.
+"""A spawned worker never blocks on its stdout after the ready line, and gets the worker
+environment defaults.
 
 The controller reads a worker's stdout pipe only until the ready line; vLLM keeps logging there
 (a warning per weight reload), and a full pipe (64 KiB) used to freeze the worker mid-reload.
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from asyncflow.controller.pool import spawn_worker
+from asyncflow.controller.pool import WORKER_ENV_DEFAULTS, spawn_worker
 
 CHILD = """
 import sys
@@ -45,5 +46,13 @@ async def test_spawned_worker_stdout_is_its_log(tmp_path: Path) -> None:
         assert h.proc is not None
         fd1 = os.readlink(f"/proc/{h.proc.pid}/fd/1")
         assert fd1 == str(tmp_path / "su0.log")
+        # and it got the worker environment defaults (unless this environment sets them)
+        environ = Path(f"/proc/{h.proc.pid}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
+        omp = os.environ.get("OMP_WAIT_POLICY", WORKER_ENV_DEFAULTS["OMP_WAIT_POLICY"])
+        assert f"OMP_WAIT_POLICY={omp}".encode() in environ
+        # glibc parses GLIBC_TUNABLES at start-up and cuts it at each ':' in place
+        tunables = os.environ.get("GLIBC_TUNABLES", WORKER_ENV_DEFAULTS["GLIBC_TUNABLES"])
+        first = tunables.split(":")[0]
+        assert f"GLIBC_TUNABLES={first}".encode() in environ
     finally:
         await h.stop()
