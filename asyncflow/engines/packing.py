@@ -91,7 +91,11 @@ def pack_shared_prompts(batch: TrainBatch) -> PackedBatch | None:
     B, T = ids.shape
     if B < 2:
         return None
-    lengths = batch.attention_mask.cpu().sum(dim=1).tolist()  # real tokens per row
+    mask = batch.attention_mask.cpu().bool()
+    lengths_t = mask.sum(dim=1)  # real tokens per row
+    if not torch.equal(mask, torch.arange(T).unsqueeze(0) < lengths_t.unsqueeze(1)):
+        return None  # not right-padded (a hole or left padding): keep the padded layout
+    lengths = lengths_t.tolist()
     loss = batch.loss_mask.cpu() > 0
     has_resp = loss.any(dim=1)
     first = torch.where(has_resp, loss.float().argmax(dim=1), torch.tensor(lengths))

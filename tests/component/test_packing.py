@@ -96,6 +96,15 @@ def test_no_shared_prompt_keeps_padded_layout() -> None:
     assert pack_shared_prompts(grouped_batch([(4, [3])])) is None
 
 
+def test_left_padded_batch_keeps_padded_layout() -> None:
+    batch = grouped_batch([(4, [3, 2])])
+    left = TrainBatch(
+        batch.input_ids.flip(1), batch.attention_mask.flip(1), batch.loss_mask.flip(1)
+    )
+    assert pack_shared_prompts(batch) is not None
+    assert pack_shared_prompts(left) is None
+
+
 def test_same_prompt_in_separate_runs_is_not_merged() -> None:
     """Only consecutive rows are grouped: rows A, B, A give three sequences."""
     a = grouped_batch([(4, [3])], seed=1)
