@@ -195,7 +195,7 @@ class Controller:
         self.index = p.index = restored
         p.loader.position = int(state["loader"]["position"])
         p.admitted_steps = int(state["admitted_steps"])
-        p.version = int(state["version"])
+        p.version = p.trained_version = int(state["version"])
         await p.call(self.workers["actor"][0], "load", params={"path": state["path"]})
         log.truncate_samples(int(state["samples_before"]), state["samples_step"])
         log.metrics(

@@ -137,6 +137,9 @@ class Pipeline:
         self.loader = loader
         self.log = log
         self.version = version  # the policy version every rollout engine serves
+        #: the actor's version after its last committed step: ahead of ``version`` while that
+        #: step's weight sync runs in the background; a replaced trainer restores this one
+        self.trained_version = version
         self.version_changed = asyncio.Condition()
         self.units = {h.unit: h.url for hs in workers.values() for h in hs}
         self.stats: dict[int, StepStats] = {}
@@ -363,6 +366,7 @@ class Pipeline:
             self.index.ack(task, b.rows)
         if task == "train":
             self._record_trained(step, records)
+            self.trained_version = max(self.trained_version, int(outs[0]["version"]))
         return outs
 
     async def _micro(

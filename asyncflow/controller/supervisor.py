@@ -162,8 +162,9 @@ class Supervisor:
                     await asyncio.sleep(self.heartbeat_s)
 
     async def _restore_trainer(self, new: WorkerHandle) -> None:
-        """Load the checkpoint of the version training had reached; without one, fail."""
-        version = self.p.version
+        """Load the checkpoint of the version training had reached (its last committed step,
+        possibly one ahead of what the rollout engines serve); without one, fail."""
+        version = self.p.trained_version
         path = self.checkpoints / f"step_{version:06d}"
         if version == 0:
             return  # nothing trained yet: the fresh worker's initial weights are right
