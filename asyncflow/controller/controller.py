@@ -470,6 +470,10 @@ class Controller:
             "staleness_mean": (sum(k * v for k, v in lags.items()) / max(sum(lags.values()), 1)),
             "staleness_max": max(lags, default=0),
             "sync_s": sync["sync_s"],
+            # the trainer's broadcast, the slowest engine's receive and its in-place reload
+            "sync_send_s": sync.get("send_s", 0.0),
+            "sync_recv_s": sync.get("recv_s", 0.0),
+            "sync_reload_s": sync.get("reload_s", 0.0),
             "idle_frac": {n: round(1.0 - min(busy.get(n, 0.0) / wall, 1.0), 4) for n in names},
         }
         for k in (

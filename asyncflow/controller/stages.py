@@ -429,7 +429,16 @@ class Pipeline:
                 f"weight sync: rollout engines report versions {served}, expected {version}"
             )
         await self.set_version(version)
-        return {"sync_s": end - start, "bytes": outs[0]["metrics"]["bytes"]}
+        recv = [o["metrics"] for o in outs[1:]]
+        return {
+            "sync_s": end - start,
+            "bytes": outs[0]["metrics"]["bytes"],
+            "send_s": float(outs[0]["metrics"].get("seconds", 0.0)),
+            "recv_s": max(float(m.get("recv_s", 0.0)) for m in recv),
+            "reload_s": max(
+                float(m.get("total_s", 0.0)) - float(m.get("recv_s", 0.0)) for m in recv
+            ),
+        }
 
 
 def _set_event() -> asyncio.Event:
