@@ -64,6 +64,14 @@ def test_default_grpo_raises_heldout_accuracy(runs: dict[str, Path]) -> None:
     assert acc[-1] >= acc[0] + 0.05, f"held-out accuracy did not rise: {acc}"
     summary = json.loads((runs["async"] / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["reward_failures"] == 0
+    # every step's record, in order, with the weight sync that followed it broken down
+    records = steps(runs["async"])
+    assert [r["step"] for r in records] == list(range(STEPS))
+    for r in records:
+        assert r["version"] == r["step"] + 1
+        parts = r["sync_send_s"], r["sync_recv_s"], r["sync_reload_s"]
+        assert all(0 <= x <= r["sync_s"] + 1e-6 for x in parts)
+        assert r["sync_reload_s"] > 0
 
 
 @pytest.mark.parametrize("name, k", [("sync", 0), ("async", 1), ("k2", 2)])
