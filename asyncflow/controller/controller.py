@@ -50,10 +50,6 @@ from asyncflow.report.tensorboard import TensorBoardWriter
 from asyncflow.tasks.sources import resolve_model, train_source
 from asyncflow.transfer.index import SampleIndex
 
-#: OpenMP threads that spin while waiting steal the core from the engine's own Python thread and
-#: from other workers; passive waiting made the tiny run 5-20x faster on 2 cores (docs/design.md).
-WORKER_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -275,7 +271,6 @@ class Controller:
             self.cfg.run.token or "",
             s,
             host=self.cfg.run.host,
-            env=WORKER_ENV,
             log_dir=self.cfg.run_dir / "logs",
             start_timeout=self.cfg.workers.start_s,
             unit=name if generation == 0 else f"{name}.{generation}",

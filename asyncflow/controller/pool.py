@@ -115,6 +115,8 @@ class WorkerHandle:
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 
 #: What every spawned worker's environment gets unless the environment already sets it.
+#: OpenMP threads that spin while waiting steal the core from the engine's own Python thread and
+#: from other workers; passive waiting made the tiny run 5-20x faster on 2 cores (docs/design.md).
 WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GLIBC_TUNABLES": MALLOC_TUNABLES}
 
 

@@ -204,6 +204,10 @@ class TorchEngineBase:
         trainable: bool = True,
     ) -> None:
         self.config = config or TrainerConfig()
+        if self.config.mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be 'fp32' or 'bf16', not {self.config.mixed_precision!r}"
+            )
         self.dist_cfg = distributed or DistributedConfig()
         self.trainable = trainable
         self.source_path = str(model_path)
@@ -311,12 +315,9 @@ class TorchEngineBase:
         return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        mode = self.config.mixed_precision
-        if mode == "fp32":
-            return contextlib.nullcontext()
-        if mode != "bf16":
-            raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', not {mode!r}")
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.config.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # --- training ---------------------------------------------------------------------------
     def _all_reduce(self, values: list[float], op: Any = None) -> list[float]:

@@ -112,6 +112,9 @@ class StorageUnit:
         return [tuple(t.shape) for t in per_row]
 
     def get(self, column: str, rows: Sequence[int]) -> ColumnData:
+        run = self._same_put(column, rows) if rows else None
+        if run is not None:
+            return run
         col = self._cols.get(column, {})
         try:
             ts = [col[r] for r in rows]
@@ -119,9 +122,6 @@ class StorageUnit:
             raise MissingRows(column, [r for r in rows if r not in col]) from None
         if not ts:
             return ColumnData(torch.empty(0))
-        run = self._same_put(column, rows)
-        if run is not None:
-            return run
         shape0 = ts[0].shape
         if all(t.shape == shape0 for t in ts):
             block = _adjacent(ts)

@@ -27,27 +27,12 @@ from asyncflow.engines.torch_trainer import (
 )
 
 torch.set_num_threads(1)
-VOCAB = 32
+VOCAB = 32  # the vocabulary of the tiny_qwen2_dir model (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(str(path))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    return path
+@pytest.fixture
+def model_dir(tiny_qwen2_dir: Path) -> Path:
+    return tiny_qwen2_dir
 
 
 def make_batch(seed: int = 0, rows: int = 4, length: int = 10, prompt: int = 3) -> TrainBatch:
