@@ -80,6 +80,10 @@ class AlgorithmConfig(_Section):
     kl_coef: float = Field(0.0, ge=0)  #: KL penalty to the reference (0: no reference worker)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
+    #: skip the forward/backward of rows whose advantages are all zero (e.g. a GRPO group whose
+    #: samples got equal rewards) when the loss has no KL penalty or entropy bonus: they add
+    #: exactly zero to the gradient, so the update is unchanged (the optimizer still steps)
+    skip_zero_advantage: bool = True
     gamma: float = Field(1.0, ge=0, le=1)  #: PPO/GAE
     lam: float = Field(0.95, ge=0, le=1)  #: PPO/GAE
 

@@ -485,6 +485,7 @@ class Controller:
             "tis_truncated_frac",
             "ratio_mean",
             "lr",
+            "trained_rows_frac",
         ):
             if k in actor:
                 rec[k] = actor[k]

@@ -65,6 +65,7 @@ def role_settings(cfg: Config) -> dict[str, dict[str, Any]]:
             **trainer,
             **cfg.actor.model_dump(exclude={"urls", "workers"}),
             "loss": loss,
+            "skip_zero_advantage": alg.skip_zero_advantage,
         },
         "reference": {**common, **trainer, "threads": cfg.reference.threads},
         "critic": {

@@ -427,6 +427,9 @@ class TorchEngineBase:
             raise RuntimeError("finish_step() before begin_step()")
         _, losses, records = stream
         del self._stream
+        for _, p in self._named_trainable():
+            if p.grad is None:  # no micro-batch touched it: its gradient is zero, not absent
+                p.grad = torch.zeros_like(p)  # (AdamW skips absent ones: moments would stall)
         if self.world_size > 1:
             self._sum_gradients()
         grad_norm, skipped = self._optimizer_step()
@@ -444,9 +447,6 @@ class TorchEngineBase:
 
     def _sum_gradients(self) -> None:
         params = [p for _, p in self._named_trainable()]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0

@@ -63,3 +63,30 @@ def response_values(batch: TrainBatch, values: torch.Tensor) -> list[torch.Tenso
     """The response-aligned entries of a (B, T) tensor, one 1-D tensor per row."""
     mask = batch.loss_mask.bool()
     return [values[i][mask[i]].float().contiguous() for i in range(values.shape[0])]
+
+
+def rows_with_signal(batch: TrainBatch, column: str = "advantages") -> torch.Tensor:
+    """(B,) bool: rows with a non-zero ``column`` value on at least one loss token.
+
+    Under a loss with no KL penalty and no entropy bonus, a row whose advantages are all zero
+    contributes exactly zero to the loss and to every gradient (the clipped surrogate is
+    ``-A * r``), so its forward/backward can be skipped without changing the update, provided
+    the loss is normalised by fixed global counts (as streaming steps are). A GRPO group whose
+    samples all got the same reward is such a group.
+    """
+    values = batch.tensors[column]
+    return ((values != 0) & (batch.loss_mask > 0)).any(dim=1)
+
+
+def select_rows(batch: TrainBatch, keep: torch.Tensor) -> TrainBatch:
+    """The rows of ``batch`` where ``keep`` (bool (B,) or indices) holds, right-padding trimmed
+    to the longest kept row."""
+    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+    attention = batch.attention_mask.index_select(0, idx)
+    T = int(attention.sum(dim=1).max()) if idx.numel() else 0
+    return TrainBatch(
+        batch.input_ids.index_select(0, idx)[:, :T],
+        attention[:, :T],
+        batch.loss_mask.index_select(0, idx)[:, :T],
+        {k: v.index_select(0, idx)[:, :T] for k, v in batch.tensors.items()},
+    )

@@ -5,8 +5,9 @@ op                 consumes                                      produces / does
 =================  ============================================  =================================
 actor
 ``train_micro``    ``prompt_ids``, ``response_ids``,              forward/backward, gradients
-                   ``rollout_logprobs``, ``advantages``           accumulate (streaming)
-                   (+ ``ref_logprobs`` with a KL penalty)
+                   ``rollout_logprobs``, ``advantages``           accumulate (streaming); rows with
+                   (+ ``ref_logprobs`` with a KL penalty)         all-zero advantages are skipped
+                                                                 when that is exact (no KL/entropy)
 ``finish``         --                                            one optimizer step on every rank;
                                                                  the policy version is the step
 ``sync_init``      rendezvous of the weight-sync group           rank 0 hosts it
@@ -37,11 +38,16 @@ import torch
 
 from asyncflow.algorithms.advantages import gae_advantages, masked_whiten
 from asyncflow.algorithms.losses import PolicyLossConfig
-from asyncflow.algorithms.objectives import PolicyObjective, ValueObjective
+from asyncflow.algorithms.objectives import ADVANTAGES, PolicyObjective, ValueObjective
 from asyncflow.engines.protocols import LossContext
 from asyncflow.tasks.sources import resolve_model
 from asyncflow.transfer.client import Column
-from asyncflow.workers.batches import build_train_batch, response_values
+from asyncflow.workers.batches import (
+    build_train_batch,
+    response_values,
+    rows_with_signal,
+    select_rows,
+)
 from asyncflow.workers.server import Op, Produced, WorkRequest
 
 
@@ -91,6 +97,7 @@ class TrainerRole:
         #: load) wait for it, forward/backward of the next step's micro-batches need not
         self._weights_lock = asyncio.Lock()
         self._stream_step: tuple[int, int] | None = None  # (step, attempt) being accumulated
+        self._rows = [0, 0]  # rows of the step being accumulated: trained, skipped
         self.busy_s = 0.0
 
     async def start(self) -> None:
@@ -151,15 +158,21 @@ class TrainerRole:
     async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
         key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
         cols = tuple(req.params.get("columns", ()))
-        batch = await self._batch(req, cols)
+        batch, skipped = self._prune(await self._batch(req, cols))
         loss_fn = self._loss_fn()
 
         def work() -> dict[str, float]:
             if self._stream_step != key:  # a new step, or a retried one: fresh gradients
                 self.engine.begin_step(self._ctx(req.params))
                 self._stream_step = key
+                self._rows = [0, 0]
+            trained = int(batch.input_ids.shape[0])
+            self._rows[0] += trained
+            self._rows[1] += skipped
+            if trained == 0:  # nothing here moves the weights
+                return {"skipped_rows": float(skipped)}
             out: dict[str, float] = self.engine.accumulate(batch, loss_fn)
-            return out
+            return {**out, "skipped_rows": float(skipped)}
 
         return {"metrics": await self._run(work)}
 
@@ -167,10 +180,18 @@ class TrainerRole:
         key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
         if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
             self.engine.begin_step(self._ctx(req.params))
+            self._rows = [0, 0]
         self._stream_step = None
         async with self._weights_lock:
             metrics = await self._run(self.engine.finish_step)
+        trained, skipped = self._rows
+        if trained + skipped:
+            metrics["trained_rows_frac"] = trained / (trained + skipped)
         return {"metrics": metrics, "version": self.engine.step}
+
+    def _prune(self, batch: Any) -> tuple[Any, int]:
+        """The rows of a micro-batch worth a forward/backward, and how many were dropped."""
+        return batch, 0
 
     def _loss_fn(self) -> Any:
         raise NotImplementedError
@@ -196,6 +217,13 @@ class ActorRole(TrainerRole):
         loss = dict(self.settings.get("loss", {}))
         old_policy = loss.pop("old_policy", "current")
         self.objective = PolicyObjective(PolicyLossConfig(**loss), old_policy=old_policy)
+        cfg = self.objective.config
+        #: exact only when a zero-advantage token adds nothing to the loss: no KL, no entropy
+        self.skip_zero_advantage = (
+            bool(self.settings.get("skip_zero_advantage", True))
+            and cfg.kl_coef == 0.0
+            and cfg.entropy_coef == 0.0
+        )
 
     def ops(self) -> Mapping[str, Op]:
         return {
@@ -209,6 +237,18 @@ class ActorRole(TrainerRole):
 
     def _loss_fn(self) -> Any:
         return self.objective
+
+    def _prune(self, batch: Any) -> tuple[Any, int]:
+        if not self.skip_zero_advantage or ADVANTAGES not in batch.tensors:
+            return batch, 0
+        keep = rows_with_signal(batch, ADVANTAGES)
+        if bool(keep.all()):
+            return batch, 0
+        if not bool(keep.any()) and self.engine.world_size > 1:
+            # data-parallel ranks reduce their metrics together: keep one (zero) row so that
+            # this rank reports the same metric names as the others
+            keep[0] = True
+        return select_rows(batch, keep), int((~keep).sum())
 
     async def sync_init(self, req: WorkRequest) -> dict[str, Any]:
         from asyncflow.engines.weight_sync import WeightSender
