@@ -9,7 +9,11 @@ rate, temperature 1.0, no KL and number of steps, and are scored on the same hel
 over the training wall time (start-up and evaluation excluded), peak resident memory of the
 whole process tree (AsyncFlow: this process, which runs the controller, plus every worker it
 spawns, vLLM's engine process included), final held-out accuracy, reward stability, and the
-AsyncFlow/TRL ratios.
+AsyncFlow/TRL ratios. A third run per model trains AsyncFlow on every row
+(``algorithm.skip_zero_advantage=false``): by default the actor skips rows whose advantages are
+all zero (exact: they add nothing to the gradient), which TRL computes anyway; both ratios are
+printed so that the gain from the pipeline and the gain from skipping can be told apart
+(``--no-all-rows`` leaves the third run out).
 
 TRL runs in its own venv (``bash scripts/setup_trl.sh`` makes ``.venv-trl``) as a subprocess
 (``benchmarks/trl_side.py``); AsyncFlow runs in this process with its default engine (vLLM).
@@ -124,7 +128,9 @@ def run_trl(w: dict[str, Any], args: argparse.Namespace, name: str) -> dict[str,
     return out
 
 
-async def run_asyncflow(w: dict[str, Any], args: argparse.Namespace, name: str) -> dict[str, Any]:
+async def run_asyncflow(
+    w: dict[str, Any], args: argparse.Namespace, name: str, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     overrides = [
         f"model.path={w['model']}",
         f"reward.function=builtin:{w['reward']}",
@@ -144,6 +150,7 @@ async def run_asyncflow(w: dict[str, Any], args: argparse.Namespace, name: str) 
         f"run.output_dir={args.output_dir}",
         "run.progress=false",
         *args.overrides,
+        *extra,
     ]
     cfg = load_config(w["preset"], overrides)
     t0 = time.perf_counter()
@@ -156,6 +163,7 @@ async def run_asyncflow(w: dict[str, Any], args: argparse.Namespace, name: str) 
     ]
     summary["rewards"] = [s["reward_mean"] for s in steps]
     summary["step_time_s"] = [s["step_time_s"] for s in steps]
+    summary["trained_rows_frac"] = [s.get("trained_rows_frac", 1.0) for s in steps]
     summary["memory"] = mem.result()
     summary["wall_s"] = time.perf_counter() - t0
     return summary
@@ -176,8 +184,16 @@ def median_rate(r: dict[str, Any], per_step: int) -> float:
     return per_step / statistics.median(r["step_time_s"])
 
 
-def report(name: str, w: dict[str, Any], trl: dict[str, Any], af: dict[str, Any]) -> dict[str, Any]:
+def report(
+    name: str,
+    w: dict[str, Any],
+    trl: dict[str, Any],
+    af: dict[str, Any],
+    af_all: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     rows = {"TRL GRPOTrainer": trl, "AsyncFlow": af}
+    if af_all is not None:
+        rows["AsyncFlow, all rows"] = af_all
     per_step = w["prompts"] * w["samples"]
     print(
         f"\n== {w['label']}: {w['steps']} steps, {w['prompts']} prompts x {w['samples']} "
@@ -185,7 +201,7 @@ def report(name: str, w: dict[str, Any], trl: dict[str, Any], af: dict[str, Any]
         f"held-out {w['eval_size']} problems (greedy) =="
     )
     print(
-        f"{'side':16s} {'samples/s':>9s} {'tokens/s':>9s} {'s/step':>7s} {'peak RSS':>9s} "
+        f"{'side':20s} {'samples/s':>9s} {'tokens/s':>9s} {'s/step':>7s} {'peak RSS':>9s} "
         f"{'median':>7s} {'acc start':>9s} {'acc end':>8s} {'reward first->last':>19s}  collapsed"
     )
     for side, r in rows.items():
@@ -193,7 +209,7 @@ def report(name: str, w: dict[str, Any], trl: dict[str, Any], af: dict[str, Any]
         st = r["stability"]
         r["samples_per_s_median_step"] = median_rate(r, per_step)
         print(
-            f"{side:16s} {r['samples_per_s']:9.1f} {r['tokens_per_s']:9.0f} "
+            f"{side:20s} {r['samples_per_s']:9.1f} {r['tokens_per_s']:9.0f} "
             f"{r['train_time_s'] / max(r['steps'], 1):7.2f} "
             f"{r['memory']['sum_of_peaks_gib']:7.2f}Gi {r['samples_per_s_median_step']:7.1f} "
             f"{r['eval_accuracy_start']:9.3f} {r['eval_accuracy_end']:8.3f} "
@@ -224,6 +240,15 @@ def report(name: str, w: dict[str, Any], trl: dict[str, Any], af: dict[str, Any]
         f"accuracy at least as good: {'MET' if acc_ok else 'NOT MET'}"
         f"{'' if acc_ok else (' (within eval noise)' if acc_noise_ok else '')}"
     )
+    if af_all is not None:
+        ratio["samples_per_s_all_rows"] = af_all["samples_per_s"] / trl["samples_per_s"]
+        frac = statistics.mean(af["trained_rows_frac"]) if af["trained_rows_frac"] else 1.0
+        print(
+            f"AsyncFlow training every row (algorithm.skip_zero_advantage=false) / TRL: "
+            f"samples/s {ratio['samples_per_s_all_rows']:.2f}x; by default AsyncFlow trained "
+            f"{100 * frac:.0f}% of the rows (the rest had all-zero advantages: equal rewards "
+            f"in their group, so zero gradient; TRL computes them anyway)"
+        )
     print(
         "samples/s and tokens/s: over the training wall time; median: samples per step / "
         "median step time; peak RSS = sum of each process's own peak (VmHWM) over the "
@@ -234,6 +259,7 @@ def report(name: str, w: dict[str, Any], trl: dict[str, Any], af: dict[str, Any]
         "workload": w,
         "trl": trl,
         "asyncflow": af,
+        "asyncflow_all_rows": af_all,
         "ratio": ratio,
         "target": {
             "samples_per_s": target,
@@ -287,7 +313,12 @@ async def amain(args: argparse.Namespace, chosen: list[str]) -> None:
         trl = run_trl(w, args, name)
         print(f"[{name}] AsyncFlow, {w['steps']} steps ...", flush=True)
         af = await run_asyncflow(w, args, name)
-        results["models"][name] = report(name, w, trl, af)
+        af_all = None
+        if args.all_rows:
+            print(f"[{name}] AsyncFlow training every row, {w['steps']} steps ...", flush=True)
+            skip_off = ("algorithm.skip_zero_advantage=false",)
+            af_all = await run_asyncflow(w, args, f"{name}-all-rows", skip_off)
+        results["models"][name] = report(name, w, trl, af, af_all)
         results["versions"] = versions(trl)
     results["total_s"] = time.perf_counter() - t_all
     print(f"\nversions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}")
@@ -315,6 +346,12 @@ def main() -> None:
     p.add_argument("--smollm-eval-size", type=int, default=64)
     p.add_argument("--trl-timeout-s", type=float, default=900)
     p.add_argument("--output-dir", default="runs/bench-trl")
+    p.add_argument(
+        "--no-all-rows",
+        dest="all_rows",
+        action="store_false",
+        help="skip the third run (AsyncFlow with algorithm.skip_zero_advantage=false)",
+    )
     p.add_argument("overrides", nargs="*", help="extra AsyncFlow config overrides (both models)")
     args = p.parse_args()
     chosen = check(args)
