@@ -113,6 +113,9 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     max_new_tokens: int = Field(32, ge=1)
+    #: admit a step's prompts only once no older step is generating on that worker, so the
+    #: step the trainer waits for finishes first (see workers/rollout.py: StepOrder)
+    step_ordered: bool = True
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 

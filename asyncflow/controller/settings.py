@@ -41,6 +41,7 @@ def role_settings(cfg: Config) -> dict[str, dict[str, Any]]:
         "rollout": {
             **common,
             "engine": cfg.rollout.engine,
+            "step_ordered": cfg.rollout.step_ordered,
             "vllm": cfg.rollout.vllm.model_dump(),
             "max_model_len": cfg.model.max_model_len,
             "data": data,

@@ -128,6 +128,9 @@ def pin(settings: dict[str, Any]) -> None:
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, [int(c) for c in cpus])
         os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+        import torch
+
+        torch.set_num_threads(len(cpus))
 
 
 async def amain(args: argparse.Namespace) -> None:

@@ -17,8 +17,10 @@ module only sees the :class:`~asyncflow.engines.protocols.RolloutEngine` protoco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import torch
@@ -64,6 +66,51 @@ def make_engine(settings: Mapping[str, Any], model_dir: str) -> RolloutEngine:
     raise ValueError(f"unknown rollout engine {kind!r}; expected 'vllm' or 'transformers'")
 
 
+class StepOrder:
+    """Admission in step order: a batch of step ``s`` enters the engine only once no batch of an
+    older step is still generating in this worker.
+
+    With one-step-off asynchrony the controller sends step ``s + 1``'s prompts as soon as version
+    ``s`` is loaded, usually while step ``s``'s long tail is still generating. Sharing the engine
+    would slow that tail down, and the tail is what the trainer -- and through the weight sync,
+    the next step's rollout -- waits for. Generating the older step first finishes it sooner and
+    costs no throughput: on CPU a decode step's cost grows with the number of sequences in it.
+    Older batches are never held back (a regenerated group of an old step goes straight in).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._running: Counter[int] = Counter()  # step -> batches generating (only > 0 kept)
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def running(self) -> dict[int, int]:
+        return dict(self._running)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, step: int) -> AsyncIterator[None]:
+        """Wait until no older step is generating, then hold a place for ``step``."""
+        if not self.enabled:
+            yield
+            return
+        while any(k < step for k in self._running):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
+        self._running[step] += 1
+        try:
+            yield
+        finally:  # no await here: a cancelled batch always gives its place back
+            self._running[step] -= 1
+            if self._running[step] <= 0:
+                del self._running[step]
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
 class RolloutRole:
     name = "rollout"
 
@@ -80,6 +127,7 @@ class RolloutRole:
         self.tokens_out = 0
         self.requests = 0
         self._req = 0
+        self._admission = StepOrder(bool(self.settings.get("step_ordered", True)))
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -142,15 +190,19 @@ class RolloutRole:
             raise ValueError("generate needs a batch")
         base_seed = req.params.get("seed")
         prompts = [self._encode(prompt_row(self.train, m).prompt) for m in batch.meta]
-        outs = await asyncio.gather(
-            *(
-                self._complete(
-                    p,
-                    self._sampling(req.params, None if base_seed is None else int(base_seed) + rid),
+        step = min((int(m.get("step", -1)) for m in batch.meta), default=-1)
+        async with self._admission.turn(step):
+            outs = await asyncio.gather(
+                *(
+                    self._complete(
+                        p,
+                        self._sampling(
+                            req.params, None if base_seed is None else int(base_seed) + rid
+                        ),
+                    )
+                    for p, rid in zip(prompts, batch.rows)
                 )
-                for p, rid in zip(prompts, batch.rows)
             )
-        )
         resp = [torch.tensor(c.token_ids, dtype=torch.int64) for c in outs]
         lps = [torch.tensor(c.logprobs, dtype=torch.float32) for c in outs]
         pids = [torch.tensor(p, dtype=torch.int64) for p in prompts]
