@@ -553,7 +553,10 @@ class Controller:
             if x.strip()
         ]
         evals = [x for x in lines if x.get("event") == "eval"]
-        steps = [x for x in lines if "event" not in x]
+        # a resumed run redoes the steps after its checkpoint: count each step once, as it was
+        # last trained (the dead run's records stay in metrics.jsonl, before the "resumed" event)
+        by_step = {int(x["step"]): x for x in lines if "event" not in x}
+        steps = [by_step[k] for k in sorted(by_step)]
         total_samples = sum(x["samples"] for x in steps)
         total_tokens = sum(x["response_tokens"] for x in steps)
         train_time = sum(x["step_time_s"] for x in steps)

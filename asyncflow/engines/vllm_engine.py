@@ -35,6 +35,7 @@ Semantics worth knowing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
@@ -127,6 +128,10 @@ class VLLMRolloutEngine:
         self._commands: queue.SimpleQueue[_Command | object] = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}  # touched by the engine thread only
         self._thread: threading.Thread | None = None
+        #: set by the engine thread as it exits; under the lock, so that no command can be
+        #: queued after the thread has failed the ones left in the queue
+        self._closed = False
+        self._post_lock = threading.Lock()
         self._eos_token_ids: list[int] = []
 
     @property
@@ -146,6 +151,7 @@ class VLLMRolloutEngine:
         os.environ.update(self._env)
         for key, value in self._env_defaults.items():
             os.environ.setdefault(key, value)
+        self._closed = False
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
@@ -218,9 +224,10 @@ class VLLMRolloutEngine:
         return await future
 
     def _post(self, command: _Command) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            raise RuntimeError("engine is not running (call start() first)")
-        self._commands.put(command)
+        with self._post_lock:
+            if self._closed or self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("engine is not running (call start() first)")
+            self._commands.put(command)
 
     # ---- everything below runs on the engine thread ------------------------------------
 
@@ -228,15 +235,33 @@ class VLLMRolloutEngine:
         try:
             engine = self._build()
         except BaseException as error:  # report start-up failures to start()'s caller
+            self._close_queue()
             loop.call_soon_threadsafe(_resolve, ready, None, error)
             return
         loop.call_soon_threadsafe(_resolve, ready, None, None)
         try:
             self._serve(engine)
         finally:
+            # commands queued behind the stop (e.g. a request admitted while closing) would
+            # otherwise never be answered and their callers would wait forever
+            self._close_queue()
             for request_id in list(self._pending):
                 self._finish_aborted(request_id)
             del engine
+
+    def _close_queue(self) -> None:
+        with self._post_lock:
+            self._closed = True
+        closed = RuntimeError("engine closed")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Command) and command.future is not None:
+                assert command.loop is not None
+                with contextlib.suppress(RuntimeError):  # that caller's loop is gone
+                    command.loop.call_soon_threadsafe(_resolve, command.future, None, closed)
 
     def _build(self) -> Any:
         from vllm import EngineArgs, LLMEngine

@@ -138,6 +138,8 @@ def test_resume_after_controller_sigkill_trains_the_same_prompts(tmp_path: Path)
     assert resume.returncode == 0, resume.stderr[-2000:]
     resumed = check_exactly_once(tmp_path / "killed", steps)
     assert any(e.get("event") == "resumed" for e in jsonl(tmp_path / "killed/metrics.jsonl"))
+    summary = json.loads((tmp_path / "killed/summary.json").read_text())
+    assert summary["steps"] == steps  # redone steps are counted once
     plain = subprocess.run(
         controller_cmd(tmp_path, "plain", steps), capture_output=True, text=True, timeout=600
     )

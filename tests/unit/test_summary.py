@@ -1,0 +1,43 @@
+"""The run summary counts each step once, also after a resume redid some steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asyncflow.config import load_config
+from asyncflow.controller.controller import Controller
+
+
+def record(step: int, samples: int, time_s: float) -> dict[str, object]:
+    return {
+        "step": step,
+        "samples": samples,
+        "response_tokens": 10 * samples,
+        "step_time_s": time_s,
+        "reward_mean": step / 10,
+        "staleness_max": 1,
+        "reward_failures": 0,
+    }
+
+
+def test_redone_steps_count_once_as_last_trained(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg.run_dir.mkdir(parents=True)
+    lines = [
+        {"event": "eval", "step": 0, "eval_accuracy": 0.25},
+        *(record(s, 64, 1.0) for s in range(4)),  # the dead run got to step 3
+        {"event": "resumed", "step": 2},  # its last checkpoint was after step 1
+        *(record(s, 64, 0.5) for s in (2, 3, 4)),
+        {"event": "eval", "step": 5, "eval_accuracy": 0.5},
+    ]
+    (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    assert out["steps"] == 5
+    # steps 0-1 from the first run (1 s each), 2-4 as redone (0.5 s each)
+    assert out["train_time_s"] == pytest.approx(3.5)
+    assert out["samples_per_s"] == pytest.approx(5 * 64 / 3.5)
+    assert out["reward_last"] == pytest.approx(0.4)
+    assert (out["eval_accuracy_start"], out["eval_accuracy_end"]) == (0.25, 0.5)
