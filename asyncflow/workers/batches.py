@@ -79,9 +79,9 @@ def rows_with_signal(batch: TrainBatch, column: str = "advantages") -> torch.Ten
 
 
 def select_rows(batch: TrainBatch, keep: torch.Tensor) -> TrainBatch:
-    """The rows of ``batch`` where ``keep`` (bool (B,) or indices) holds, right-padding trimmed
-    to the longest kept row."""
-    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+    """The rows of ``batch`` where the bool (B,) ``keep`` holds, right-padding trimmed to the
+    longest kept row."""
+    idx = keep.nonzero().flatten()
     attention = batch.attention_mask.index_select(0, idx)
     T = int(attention.sum(dim=1).max()) if idx.numel() else 0
     return TrainBatch(
