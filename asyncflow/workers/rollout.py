@@ -282,6 +282,7 @@ class RolloutRole:
                 "version": update.version,
                 "recv_s": t1 - t0,
                 "total_s": time.monotonic() - t0,
+                "reload": getattr(self.engine, "last_reload", ""),
             }
         }
 

@@ -197,6 +197,7 @@ async def test_vllm_weight_sync_changes_policy(vllm_engine: RolloutEngine, model
     await vllm_engine.load_weights(update, update.version)
     await sending
     assert update.done and vllm_engine.policy_version == 7
+    assert getattr(vllm_engine, "last_reload", None) == "fast"  # straight into the CPU kernels
     after = await generate_all(vllm_engine, "after", batch, greedy)
     assert [o.token_ids for o in after] != [o.token_ids for o in before]
     assert {o.policy_version for o in after} == {7}
@@ -207,3 +208,50 @@ async def test_vllm_weight_sync_changes_policy(vllm_engine: RolloutEngine, model
     assert diffs.max() < PARITY_MAX
     sampled = await generate_all(vllm_engine, "t1", batch, SamplingConfig(max_new_tokens=16))
     assert logprob_diffs(model, batch, sampled).max() < PARITY_MAX
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_vllm_seeded_prompts_beyond_one_step_budget(vllm_engine: RolloutEngine) -> None:
+    """64 seeded prompts of 81 tokens exceed a step's token budget (2048): with chunked
+    prefill vLLM 0.32 on CPU died on the first split prompt ("CPU Generator does not use
+    offset"); every rollout request is seeded."""
+    long = [[1, *[4 + (i + j) % 14 for j in range(80)]] for i in range(64)]
+    outs = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                vllm_engine.generate(f"long-{i}", p, SamplingConfig(max_new_tokens=8, seed=i))
+                for i, p in enumerate(long)
+            )
+        ),
+        120,
+    )
+    assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in outs)
+    again = await vllm_engine.generate("long-again", long[5], SamplingConfig(8, seed=5))
+    assert again.token_ids == outs[5].token_ids  # the seed still decides the sample
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_vllm_unknown_name_falls_back_to_generic_reload(
+    vllm_engine: RolloutEngine, model_dir: Path
+) -> None:
+    """An update with a tensor the fast path does not know (a rotary ``inv_freq`` buffer,
+    which vLLM's own loader skips) is loaded by vLLM's generic reload -- including the tensors
+    the fast path had already read -- and the policy is exactly the new one."""
+    from asyncflow.engines.vllm_engine import VLLMRolloutEngine
+
+    assert isinstance(vllm_engine, VLLMRolloutEngine)
+    model = reference(model_dir)
+    full = perturbed(model)
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)}
+    await vllm_engine.load_weights([*full.items(), *extra.items()], 21)
+    assert vllm_engine.last_reload == "generic"
+    model.load_state_dict(full, strict=False)
+    model.tie_weights()
+    batch = prompts(8)
+    outs = await generate_all(vllm_engine, "fallback", batch, SamplingConfig(max_new_tokens=12))
+    assert {o.policy_version for o in outs} == {21}
+    assert logprob_diffs(model, batch, outs).max() < PARITY_MAX
+    await vllm_engine.load_weights(list(full.items()), 22)  # the next update is fast again
+    assert vllm_engine.last_reload == "fast"
