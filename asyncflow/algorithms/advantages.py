@@ -28,8 +28,9 @@ def grpo_advantages(
     if n < 2:
         return torch.zeros_like(rewards)
     std = rewards.std(dim=1, keepdim=True, unbiased=True)  # (G, 1)
-    # A zero-variance group: make the result exactly 0 instead of rounding noise over eps.
-    flat = std <= 0  # (G, 1)
+    # A zero-variance group: make the result exactly 0 instead of rounding noise over eps. A
+    # subnormal std (rewards that differ by ~1e-45) counts as zero: dividing by it is noise.
+    flat = std < torch.finfo(rewards.dtype).tiny  # (G, 1)
     centred = torch.where(flat, torch.zeros_like(centred), centred)
     if not normalize_std:
         return centred

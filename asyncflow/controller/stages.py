@@ -1,9 +1,10 @@
 """The stage loops: coroutines that move samples through the index, one per worker slot.
 
-Dataflow of one GRPO sample (PPO adds ``values`` and ``gae`` on the critic and a critic update)::
+Dataflow of one GRPO sample (PPO scores rows, adds ``values`` and ``gae`` on the critic and a
+critic update)::
 
-    admit --prompt--> rollout --prompt_ids, response_ids, rollout_logprobs--> reward --reward-->
-    advantages --advantages--> [reference --ref_logprobs-->] train --> sync (weights to rollout)
+    admit --prompt--> rollout --prompt_ids, response_ids, rollout_logprobs--> reward --reward,
+    advantages--> [reference --ref_logprobs-->] train --> sync (weights to rollout)
 
 ==============  ===========================  ==================  ============================
 loop            consumes (index task)         waits for           unblocked by
@@ -11,11 +12,12 @@ loop            consumes (index task)         waits for           unblocked by
 admit           prompt indices (loader)      a slot: step <=      a weight sync (version += 1)
                                              version + k
 rollout         whole groups (``rollout``)   ready prompts        admit
-reward          rows (``reward``)            responses            rollout
-advantages      whole groups                 a group's rewards    reward
+reward (GRPO)   whole groups (``reward``):   responses            rollout
+                rewards and advantages
+reward (PPO)    rows (``reward``)            responses            rollout
 reference       rows (``reference``)         responses            rollout
 values / gae    rows (PPO)                   responses / rewards  rollout / reward
-train           groups of step s only        micro-batches of s   advantages (+ reference)
+train           groups of step s only        micro-batches of s   reward (+ reference)
                 (partition ``step``)
 ==============  ===========================  ==================  ============================
 
@@ -54,16 +56,13 @@ MAX_QUIET_RETRIES = 30
 #: a group whose reward failed is regenerated at most this many times, then scored as is
 MAX_REGENERATIONS = 2
 
-GRPO_TASKS: list[tuple[str, list[str], list[str], dict[str, Any]]] = [
-    ("rollout", ["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], {"groups": True}),
-    ("reward", ["response_ids"], ["reward"], {}),
-    ("advantages", ["reward"], ["advantages"], {"groups": True}),
-]
-
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
-    """One non-training stage: its index task, the role/op that runs it, batch size."""
+    """One non-training stage: its index task, the role/op that runs it, batch size.
+
+    A stage call takes every ready row (group) up to ``batch``, at least one: it never waits
+    for a full batch that may not come (a run's last rows, a regenerated group)."""
 
     task: str
     role: str
@@ -79,10 +78,11 @@ def register_tasks(index: SampleIndex, cfg: Config) -> None:
     index.register_task(
         "rollout", ["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], groups=True
     )
-    index.register_task("reward", ["response_ids"], ["reward"])
     if alg.name == "grpo":
-        index.register_task("advantages", ["reward"], ["advantages"], groups=True)
+        # rewards and the group-normalised advantages in one call per batch of whole groups
+        index.register_task("reward", ["response_ids"], ["reward", "advantages"], groups=True)
     else:
+        index.register_task("reward", ["response_ids"], ["reward"])
         index.register_task("values", ["prompt_ids", "response_ids"], ["values"])
         index.register_task("gae", ["response_ids", "reward", "values"], ["advantages", "returns"])
         index.register_task(
@@ -103,15 +103,12 @@ def stage_specs(cfg: Config) -> list[StageSpec]:
     whole = not alg.streaming
     step_groups = alg.prompts_per_step
     rows = cfg.rows_per_step if whole else max(n, alg.micro_batch_groups * n)
-    specs = [
-        StageSpec("rollout", "rollout", "generate", True, step_groups if whole else 1),
-        StageSpec("reward", "reward", "score", False, rows),
-    ]
+    specs = [StageSpec("rollout", "rollout", "generate", True, step_groups if whole else 1)]
     if alg.name == "grpo":
-        specs.append(
-            StageSpec("advantages", "reward", "advantages", True, step_groups if whole else 1)
-        )
+        per_call = step_groups if whole else alg.micro_batch_groups
+        specs.append(StageSpec("reward", "reward", "score_groups", True, per_call))
     else:
+        specs.append(StageSpec("reward", "reward", "score", False, rows))
         specs.append(StageSpec("values", "critic", "values", False, rows))
         specs.append(StageSpec("gae", "critic", "gae", False, rows))
     if alg.kl_coef > 0:
@@ -156,11 +153,12 @@ class Pipeline:
             async with self.version_changed:
                 await self.version_changed.wait_for(_at_least(self, step - k))
             self.stats.setdefault(step, StepStats(step, self.log.now()))
+            rows = []
             for index in self.loader.take(self.cfg.algorithm.prompts_per_step):
-                rows = self.index.add_group(
+                rows += self.index.add_group(
                     n, [{"index": index, "step": step, "sample": j} for j in range(n)]
                 )
-                self.index.mark_ready(rows, "prompt", "dataset")
+            self.index.mark_ready(rows, "prompt", "dataset")  # the step at once: one batch
             self.admitted_steps = step + 1
 
     async def set_version(self, version: int) -> None:
@@ -187,7 +185,7 @@ class Pipeline:
         failures = 0
         while True:
             await self.wait_ready(self.handle(role, i))
-            batch = await self.index.get_batch(spec.task, spec.batch)
+            batch = await self.index.get_batch(spec.task, spec.batch, at_least=1)
             worker = self.handle(role, i)
             if not self.ready.setdefault(worker.name, _set_event()).is_set():
                 self._give_back(spec.task, batch)  # it died while we waited for rows

@@ -94,6 +94,7 @@ class _Task:
 class _Waiter:
     n: int
     future: asyncio.Future[BatchMeta]
+    at_least: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,21 +253,31 @@ class SampleIndex:
         self._wake_touched()
 
     # ------------------------------------------------------------------ consumers
-    async def get_batch(self, task: str, n: int, *, partition: Any = None) -> BatchMeta:
+    async def get_batch(
+        self, task: str, n: int, *, partition: Any = None, at_least: int | None = None
+    ) -> BatchMeta:
         """Wait for ``n`` rows (or ``n`` whole groups, for a group task) ready for ``task`` (in
         ``partition``, for a partitioned task) and lease them. Bound the wait with
-        ``asyncio.timeout``; on cancellation or timeout nothing stays leased."""
+        ``asyncio.timeout``; on cancellation or timeout nothing stays leased.
+
+        With ``at_least`` (``1 <= at_least <= n``) the call returns as soon as that many are
+        ready, with every ready one up to ``n``: a streaming stage takes what there is instead of
+        waiting for a full batch that may never come (the last rows of a run, a regenerated
+        group)."""
         t = self._task(task)
         if n < 1:
             raise ValueError(f"batch size must be >= 1, got {n}")
+        least = n if at_least is None else at_least
+        if not 1 <= least <= n:
+            raise ValueError(f"at_least must be in [1, {n}], got {at_least}")
         q = self._queue(t, partition)
-        ids = self._try_take(t, q, n)
+        ids = self._try_take(t, q, n, least)
         if ids is not None:
             return self._meta(t, ids)
         # The batch's metadata is built when the rows are leased (by the producer's call), so
         # a loss between then and our wake-up only makes the pull fail, never this call.
         fut: asyncio.Future[BatchMeta] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(n, fut)
+        waiter = _Waiter(n, fut, least)
         q.waiters.append(waiter)
         try:
             return await fut
@@ -281,10 +292,12 @@ class SampleIndex:
                 self._wake(t, q)  # a smaller waiter behind us may be satisfiable now
             raise
 
-    def try_get_batch(self, task: str, n: int, *, partition: Any = None) -> BatchMeta | None:
+    def try_get_batch(
+        self, task: str, n: int, *, partition: Any = None, at_least: int | None = None
+    ) -> BatchMeta | None:
         """Non-waiting form of :meth:`get_batch`: a batch if one is ready now, else None."""
         t = self._task(task)
-        ids = self._try_take(t, self._queue(t, partition), n)
+        ids = self._try_take(t, self._queue(t, partition), n, n if at_least is None else at_least)
         return None if ids is None else self._meta(t, ids)
 
     def ack(self, task: str, rows: Iterable[int]) -> None:
@@ -584,24 +597,27 @@ class SampleIndex:
             if self._valid(t, item):
                 return item
 
-    def _take(self, t: _Task, q: _Queue, n: int) -> list[int] | None:
-        """Pop ``n`` valid items, or put back what was popped and return None."""
-        if len(q.queued) < n:
+    def _take(self, t: _Task, q: _Queue, n: int, at_least: int) -> list[int] | None:
+        """Pop up to ``n`` valid items, at least ``at_least``; else put back what was popped
+        and return None."""
+        if len(q.queued) < at_least:
             return None
         items: list[int] = []
         while len(items) < n:
             item = self._pop(t, q)
             if item is None:
-                for it in reversed(items):  # not enough valid ones: put back, in order
-                    self._push_front(t, q, it)
-                return None
+                break
             items.append(item)
+        if len(items) < at_least:
+            for it in reversed(items):  # not enough valid ones: put back, in order
+                self._push_front(t, q, it)
+            return None
         return items
 
-    def _try_take(self, t: _Task, q: _Queue, n: int) -> list[int] | None:
+    def _try_take(self, t: _Task, q: _Queue, n: int, at_least: int) -> list[int] | None:
         if q.waiters:  # first come, first served: don't overtake a waiting consumer
             return None
-        items = self._take(t, q, n)
+        items = self._take(t, q, n, at_least)
         return None if items is None else self._lease(t, items)
 
     def _push_front(self, t: _Task, q: _Queue, item: int) -> None:
@@ -660,7 +676,7 @@ class SampleIndex:
             if w.future.done():  # cancelled
                 q.waiters.popleft()
                 continue
-            items = self._take(t, q, w.n)
+            items = self._take(t, q, w.n, w.at_least)
             if items is None:
                 return
             q.waiters.popleft()

@@ -8,6 +8,8 @@ op                consumes                             produces (in this unit)
                                                        and is reported, never crashes the worker
 ``advantages``    whole groups' ``reward``             ``advantages`` float32 scalar per row
                                                        (GRPO: group-normalised)
+``score_groups``  whole groups' ``response_ids``       both of the above in one call: what
+                                                       the GRPO pipeline runs
 ================  ===================================  ========================================
 """
 
@@ -54,7 +56,11 @@ class RewardRole:
         await self.scorer.start()
 
     def ops(self) -> Mapping[str, Op]:
-        return {"score": self.score, "advantages": self.advantages}
+        return {
+            "score": self.score,
+            "advantages": self.advantages,
+            "score_groups": self.score_groups,
+        }
 
     def info(self) -> dict[str, Any]:
         return {"scored": self.scored, "failures": self.failures}
@@ -63,6 +69,9 @@ class RewardRole:
         await self.scorer.aclose()
 
     async def score(self, req: WorkRequest) -> dict[str, Any]:
+        return (await self._score(req))[1]
+
+    async def _score(self, req: WorkRequest) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = req.batch
         if batch is None:
             raise ValueError("score needs a batch")
@@ -80,7 +89,7 @@ class RewardRole:
         failed = [(rid, r.error) for rid, r in zip(batch.rows, results) if r.failed]
         self.scored += len(results)
         self.failures += len(failed)
-        return {
+        return rewards, {
             "produced": {"reward": Produced([[]] * len(batch.rows), "float32").to_json()},
             "metrics": {
                 "rewards": rewards.tolist(),
@@ -89,12 +98,23 @@ class RewardRole:
             },
         }
 
+    async def score_groups(self, req: WorkRequest) -> dict[str, Any]:
+        """``score`` then ``advantages`` on a batch of whole groups, in one call: what a GRPO
+        stage needs, with one round trip per batch instead of two."""
+        rewards, out = await self._score(req)
+        out["produced"].update((await self._advantages(req, rewards))["produced"])
+        return out
+
     async def advantages(self, req: WorkRequest) -> dict[str, Any]:
+        return await self._advantages(req, None)
+
+    async def _advantages(self, req: WorkRequest, rewards: torch.Tensor | None) -> dict[str, Any]:
         batch = req.batch
         if batch is None:
             raise ValueError("advantages needs a batch")
-        cols = await req.client.fetch(batch, ["reward"])
-        rewards = cols["reward"].stacked()  # (B,)
+        if rewards is None:
+            cols = await req.client.fetch(batch, ["reward"])
+            rewards = cols["reward"].stacked()  # (B,)
         by_group: dict[int, list[int]] = {}
         for i, g in enumerate(batch.groups):
             by_group.setdefault(g, []).append(i)

@@ -189,7 +189,15 @@ class RolloutRole:
         if batch is None:
             raise ValueError("generate needs a batch")
         base_seed = req.params.get("seed")
-        prompts = [self._encode(prompt_row(self.train, m).prompt) for m in batch.meta]
+        encoded: dict[Any, list[int]] = {}  # a GRPO group is n samples of one prompt
+        prompts = []
+        for m in batch.meta:
+            key = m.get("index")
+            ids = encoded.get(key) if type(key) is int else None
+            if ids is None:
+                ids = self._encode(prompt_row(self.train, m).prompt)  # validates the index
+                encoded[key] = ids
+            prompts.append(ids)
         step = min((int(m.get("step", -1)) for m in batch.meta), default=-1)
         async with self._admission.turn(step):
             outs = await asyncio.gather(

@@ -206,3 +206,28 @@ async def test_cancelled_run_leaves_no_worker(tmp_path: Path) -> None:
         await task
     pids = [h.proc.pid for hs in controller.workers.values() for h in hs if h.proc]
     assert pids and not any(alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("k", [1, 0])
+async def test_odd_prompts_per_step_streams_to_the_end(tmp_path: Path, k: int) -> None:
+    """3 prompts per step with 2-group micro-batches: the last batch of a step is one group.
+    Stages used to wait for a full batch: the run hung on its last step (k = 1), or on its
+    first (k = 0 with streaming, where the next step's rows never come)."""
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.name=odd{k}",
+            "run.progress=false",
+            "algorithm.steps=3",
+            "algorithm.prompts_per_step=3",
+            f"algorithm.staleness={k}",
+            "algorithm.streaming=true",
+            "eval.every=0",
+            "eval.size=8",
+            "rollout.engine=transformers",
+        ],
+    )
+    summary = await asyncio.wait_for(Controller(cfg).run(), 240)
+    assert summary["steps"] == 3
+    assert [s["samples"] for s in steps(cfg.run_dir)] == [24, 24, 24]

@@ -322,3 +322,10 @@ def test_value_objective() -> None:
     loss, m = ValueObjective(clip_range=0.2)({"values": torch.tensor([[1.0, 2.0]])}, batch, ctx)
     close(loss, 0.6725)
     assert m["vf_clip_frac"] == pytest.approx(0.5)
+
+
+def test_grpo_subnormal_spread_is_a_flat_group() -> None:
+    """Rewards that differ only by a subnormal float32 (hypothesis found [0, 0, 0, 1.4e-45]):
+    the group is flat -- all advantages 0, summing to 0 -- not 1 for the odd one out."""
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.401298464324817e-45]])
+    close(grpo_advantages(rewards, eps=0.0), [[0.0, 0.0, 0.0, 0.0]])

@@ -308,3 +308,27 @@ async def test_loss_while_the_trainer_holds_a_row_trains_it_once() -> None:
     idx.complete("reward", b.rows, {"reward": ("u3", [], "float32", 0)})
     assert idx.try_get_batch("train", 1) is None  # but never trained again
     assert len(idx) == 0  # and every task has now consumed the group: released
+
+
+async def test_at_least_takes_what_is_ready_up_to_n() -> None:
+    """A streaming stage asks for up to n rows, at least one: it must not wait for a full batch
+    when no more rows will come (the run's last group, a regenerated group)."""
+    idx = grpo_index()
+    admit(idx, 3, 2)
+    with pytest.raises(ValueError, match="at_least"):
+        await idx.get_batch("rollout", 2, at_least=3)
+    waiting = asyncio.create_task(idx.get_batch("reward", 4, at_least=1))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # nothing ready: it waits
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    got = await asyncio.wait_for(waiting, 1)
+    assert sorted(got.rows) == sorted(b.rows)  # the 2 ready rows, not a wait for 4
+    b2 = await idx.get_batch("rollout", 2, at_least=1)  # both remaining groups are ready
+    assert len(b2.rows) == 4
+    idx.complete("rollout", b2.rows, {"response": ("u1", [3], "int64", 0)})
+    full = idx.try_get_batch("reward", 3, at_least=1)
+    assert full is not None and len(full.rows) == 3  # capped at n
+    assert idx.try_get_batch("reward", 2) is None  # exact batches still wait for n
+    rest = idx.try_get_batch("reward", 2, at_least=1)
+    assert rest is not None and len(rest.rows) == 1
