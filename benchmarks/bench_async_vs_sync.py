@@ -96,7 +96,10 @@ def print_cpu(results: dict[str, dict[str, Any]], best_sync: str) -> None:
     if not clocks:
         return
     roles = sorted({r for c in clocks.values() for r in c.per_step_ms()})
-    print(f"\nCPU time per training step, ms (steps {WARM}..{{last-1}} of each median run):")
+    print(
+        f"\nCPU time per training step, ms (from step {WARM} to the last but one; "
+        "the median run of each mode):"
+    )
     print(
         f"{'mode':28s} {'wall':>7s} " + " ".join(f"{r:>10s}" for r in roles) + "  total  cores busy"
     )

@@ -56,7 +56,7 @@ def make_engine(settings: Mapping[str, Any], model_dir: str) -> RolloutEngine:
             gpu_memory_utilization=float(v.get("gpu_memory_utilization", 0.25)),
             cpu_kvcache_space_gib=int(v.get("cpu_kvcache_space_gib", 1)),
             cpu_threads_bind=v.get("cpu_threads_bind"),
-            enforce_eager=bool(v.get("enforce_eager", True)),
+            enforce_eager=bool(v.get("enforce_eager", False)),
             max_num_seqs=int(v.get("max_num_seqs", 256)),
         )
     if kind == "transformers":
