@@ -33,7 +33,14 @@ from urllib.parse import urlsplit
 from asyncflow.config import Config, from_tree
 from asyncflow.controller.exporter import MetricsExporter
 from asyncflow.controller.loader import PromptLoader
-from asyncflow.controller.metrics import RunLog, StepStats, busy_by_worker, mean
+from asyncflow.controller.metrics import (
+    RunLog,
+    StepStats,
+    busy_by_worker,
+    mean,
+    recorded_steps,
+    recovered_step_record,
+)
 from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
 from asyncflow.controller.settings import role_settings
@@ -194,6 +201,9 @@ class Controller:
         p.version = p.trained_version = int(state["version"])
         await p.call(self.workers["actor"][0], "load", params={"path": state["path"]})
         log.truncate_samples(int(state["samples_before"]), state["samples_step"])
+        last = int(state["step"]) - 1  # committed; its record is written after its sync
+        if last >= 0 and last not in recorded_steps(self.cfg.run_dir / "metrics.jsonl"):
+            log.metrics(recovered_step_record(last, p.version, state["samples_step"], log.now()))
         log.metrics(
             {"event": "resumed", "step": state["step"], "version": p.version, "time_s": log.now()}
         )
@@ -557,9 +567,10 @@ class Controller:
         # last trained (the dead run's records stay in metrics.jsonl, before the "resumed" event)
         by_step = {int(x["step"]): x for x in lines if "event" not in x}
         steps = [by_step[k] for k in sorted(by_step)]
-        total_samples = sum(x["samples"] for x in steps)
-        total_tokens = sum(x["response_tokens"] for x in steps)
-        train_time = sum(x["step_time_s"] for x in steps)
+        timed = [x for x in steps if not x.get("recovered")]  # see recovered_step_record
+        total_samples = sum(x["samples"] for x in timed)
+        total_tokens = sum(x["response_tokens"] for x in timed)
+        train_time = sum(x["step_time_s"] for x in timed)
         return {
             "steps": len(steps),
             "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
@@ -570,7 +581,7 @@ class Controller:
             "tokens_per_s": total_tokens / train_time if train_time else math.nan,
             "train_time_s": train_time,
             "staleness_max": max((x["staleness_max"] for x in steps), default=0),
-            "reward_failures": steps[-1]["reward_failures"] if steps else 0,
+            "reward_failures": max((x.get("reward_failures", 0) for x in steps), default=0),
             "run_dir": str(self.cfg.run_dir),
             "pid": os.getpid(),
         }

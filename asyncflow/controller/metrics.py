@@ -148,3 +148,42 @@ def weighted(train: list[dict[str, float]], key: str) -> float:
     pairs = [(m.get("tokens", 1.0), m[key]) for m in train if key in m]
     w = sum(p[0] for p in pairs)
     return sum(a * b for a, b in pairs) / w if w else float("nan")
+
+
+def recorded_steps(metrics_path: Path) -> set[int]:
+    """The steps that have a record in a run's metrics.jsonl."""
+    if not metrics_path.exists():
+        return set()
+    out = set()
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if "event" not in rec and "step" in rec:
+                out.add(int(rec["step"]))
+    return out
+
+
+def recovered_step_record(
+    step: int, version: int, samples: list[dict[str, Any]], now: float
+) -> dict[str, Any]:
+    """The record of a step that was committed (trained, checkpointed) but whose metrics line
+    was not written before the controller died -- it is written after the step's weight sync.
+    Rebuilt on resume from the checkpoint's sample records; the trainer's loss statistics and
+    the step's timings died with the old controller (``recovered: true``, ``step_time_s`` 0)."""
+    rewards = [float(s["reward"]) for s in samples]
+    lags = Counter(step - int(s["version"]) for s in samples)
+    tokens = sum(int(s.get("length") or 0) for s in samples)
+    return {
+        "step": step,
+        "version": version,
+        "time_s": now,
+        "step_time_s": 0.0,
+        "reward_mean": mean(rewards),
+        "accuracy": mean([1.0 if r > 0 else 0.0 for r in rewards]),
+        "samples": len(samples),
+        "response_tokens": tokens,
+        "staleness_hist": {str(k): v for k, v in sorted(lags.items())},
+        "staleness_mean": sum(k * v for k, v in lags.items()) / max(len(samples), 1),
+        "staleness_max": max(lags, default=0),
+        "recovered": True,
+    }

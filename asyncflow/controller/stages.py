@@ -103,9 +103,12 @@ def stage_specs(cfg: Config) -> list[StageSpec]:
     whole = not alg.streaming
     step_groups = alg.prompts_per_step
     rows = cfg.rows_per_step if whole else max(n, alg.micro_batch_groups * n)
-    specs = [StageSpec("rollout", "rollout", "generate", True, step_groups if whole else 1)]
+    # Streaming: a rollout or reward call carries one trainer micro-batch of groups. One group
+    # per call doubled the calls (and the controller's and workers' CPU per step) for no gain:
+    # the trainer waits for whole micro-batches anyway.
+    per_call = step_groups if whole else alg.micro_batch_groups
+    specs = [StageSpec("rollout", "rollout", "generate", True, per_call)]
     if alg.name == "grpo":
-        per_call = step_groups if whole else alg.micro_batch_groups
         specs.append(StageSpec("reward", "reward", "score_groups", True, per_call))
     else:
         specs.append(StageSpec("reward", "reward", "score", False, rows))
@@ -230,8 +233,10 @@ class Pipeline:
             col: (worker.unit, p["shapes"], p["dtype"], int(p.get("version", -1)))
             for col, p in out.get("produced", {}).items()
         }
-        stale = self.index.complete(spec.task, batch.rows, produced)
-        live = [r for r in batch.rows if r not in set(stale)]
+        stale = set(self.index.complete(spec.task, batch.rows, produced))
+        # a row this call was the last consumer of is released by complete(): nothing to note
+        # (e.g. a trained step's rows scored again after the reward worker holding them died)
+        live = [r for r in batch.rows if r not in stale and r in self.index]
         self._note(spec.task, batch, live, out.get("metrics", {}))
         version = min((p[3] for p in produced.values()), default=-1)
         step = int(batch.meta[0].get("step", -1)) if batch.meta else -1

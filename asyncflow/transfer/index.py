@@ -453,6 +453,10 @@ class SampleIndex:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __contains__(self, rid: object) -> bool:
+        """Whether row ``rid`` is resident (registered and not yet released)."""
+        return rid in self._rows
+
     def resident_units(self) -> dict[str, int]:
         return {u: len(r) for u, r in self._unit_rows.items()}
 

@@ -51,9 +51,15 @@ def check_exactly_once(run_dir: Path, steps: int) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in prompts.items()}
 
 
-async def wait_steps(run_dir: Path, n: int, timeout: float = 300) -> None:
+async def wait_steps(
+    run_dir: Path, n: int, timeout: float = 300, run: asyncio.Task[Any] | None = None
+) -> None:
+    """Wait for ``n`` step records; if the ``run`` ends first, fail with its error at once."""
     async with asyncio.timeout(timeout):
-        while n_steps(run_dir) < n:  # noqa: ASYNC110 - waiting on a file another task writes
+        while n_steps(run_dir) < n:  # polls a file another task writes
+            if run is not None and run.done():
+                run.result()  # raises what ended the run
+                raise AssertionError(f"the run ended before step {n}")
             await asyncio.sleep(0.2)
 
 
@@ -68,7 +74,7 @@ async def test_killing_each_role_loses_nothing(tmp_path: Path) -> None:
     killed = []
     try:
         for role, at in (("rollout", 2), ("reward", 6), ("actor", 10)):
-            await wait_steps(cfg.run_dir, at + rng.randint(0, 2))
+            await wait_steps(cfg.run_dir, at + rng.randint(0, 2), run=run)
             handle = controller.workers[role][0]
             assert handle.proc is not None
             os.kill(handle.proc.pid, signal.SIGKILL)

@@ -41,3 +41,34 @@ def test_redone_steps_count_once_as_last_trained(tmp_path: Path) -> None:
     assert out["samples_per_s"] == pytest.approx(5 * 64 / 3.5)
     assert out["reward_last"] == pytest.approx(0.4)
     assert (out["eval_accuracy_start"], out["eval_accuracy_end"]) == (0.25, 0.5)
+
+
+def test_a_committed_step_without_a_record_is_recovered_from_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The controller died after step 2's checkpoint but before step 2's record (written after
+    its weight sync): resuming writes a record rebuilt from the checkpoint's sample records,
+    and the summary counts it once without inventing its time."""
+    from asyncflow.controller.metrics import recorded_steps, recovered_step_record
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg.run_dir.mkdir(parents=True)
+    path = cfg.run_dir / "metrics.jsonl"
+    lines = [record(s, 64, 1.0) for s in (0, 1)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert recorded_steps(path) == {0, 1}
+    samples = [
+        {"step": 2, "version": 1 + (i % 2), "reward": float(i % 4 == 0), "length": 5}
+        for i in range(64)
+    ]
+    rec = recovered_step_record(2, 3, samples, now=9.0)
+    assert rec["samples"] == 64 and rec["response_tokens"] == 320 and rec["recovered"]
+    assert rec["staleness_hist"] == {"0": 32, "1": 32} and rec["staleness_max"] == 1
+    assert rec["reward_mean"] == pytest.approx(0.25)
+    more = [rec, {"event": "resumed", "step": 3}, record(3, 64, 0.5)]
+    with path.open("a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in more))
+    assert recorded_steps(path) == {0, 1, 2, 3}
+    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    assert out["steps"] == 4
+    assert out["samples_per_s"] == pytest.approx(3 * 64 / 2.5)  # the recovered step untimed

@@ -1,0 +1,60 @@
+"""A stage call whose rows are released by its own completion (it was their last consumer).
+
+Seen in the chaos test: the reward worker died while the trainer held a step's rows; lineage
+sent those rows back to the reward stage (their advantages were lost), the trainer then
+committed the step, and the re-scoring call was the rows' last consumer -- complete() released
+them, and noting their rewards in the released rows' metadata raised KeyError, which ended the
+stage loop and the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asyncflow.config import load_config
+from asyncflow.controller.metrics import RunLog
+from asyncflow.controller.stages import Pipeline, register_tasks, stage_specs
+from asyncflow.transfer.index import SampleIndex
+
+
+class FakeReward:
+    """Stands for the reward worker's HTTP handle: answers score_groups for any batch."""
+
+    name = "reward0"
+    unit = "reward0.1"
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert path == "/v1/work/score_groups"
+        n = len(body["batch"]["rows"])
+        scalar = {"shapes": [[]] * n, "dtype": "float32", "version": -1}
+        return {
+            "produced": {"reward": scalar, "advantages": scalar},
+            "metrics": {"rewards": [1.0] * n, "failed": [], "n_failed": 0},
+        }
+
+
+async def test_rescoring_the_last_use_of_trained_rows_releases_them(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "algorithm.samples_per_prompt=2"])
+    index = SampleIndex()
+    register_tasks(index, cfg)
+    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
+    index.mark_ready(rows, "prompt", "dataset")
+    b = await index.get_batch("rollout", 1)
+    ragged = ("rollout0", [[3], [4]], "int64", 0)
+    index.complete(
+        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
+    )
+    b = await index.get_batch("reward", 1)
+    scalar = ("reward0", [[], []], "float32", -1)
+    index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
+    train = await index.get_batch("train", 1, partition=0)  # the trainer holds the step
+    index.mark_unit_lost("reward0")  # the reward worker dies: the rows go back to reward
+    index.ack("train", train.rows)  # the step commits with what the trainer had pulled
+    assert all(r in index for r in rows)  # kept: the reward task must score them again
+
+    pipe = Pipeline(cfg, index, {}, None, RunLog(tmp_path / "run"))  # type: ignore[arg-type]
+    spec = next(s for s in stage_specs(cfg) if s.task == "reward")
+    again = await index.get_batch("reward", spec.batch, at_least=1)
+    await pipe.run_op(spec, FakeReward(), again)  # type: ignore[arg-type]
+    assert not any(r in index for r in rows)  # every task is done with them: released
