@@ -5,7 +5,12 @@ Both runs use the same model, task, steps, batch and seed; only two settings dif
 tokens/s of each (training wall time, start-up and evaluation excluded), their ratio, the idle
 fraction of each worker, and the final held-out accuracy of each.
 
-    python benchmarks/bench_async_vs_sync.py [--steps 150] [--all-rows] [key=value ...]
+It also counts the CPU time of every process of each run per training step (from /proc, see
+``cpu_time.py``) and prints the ceiling that implies on this machine: an asynchronous step
+cannot take less wall time than its CPU work spread over every core. With ``--repeats N`` every
+mode runs N times, interleaved, and the median run of each is reported (use an odd N).
+
+    python benchmarks/bench_async_vs_sync.py [--steps 150] [--repeats 3] [--all-rows] [k=v ...]
 """
 
 from __future__ import annotations
