@@ -88,6 +88,7 @@ class Controller:
         self.workers: dict[str, list[WorkerHandle]] = {}
         self.index = SampleIndex(self._free)
         self.pipeline: Pipeline | None = None
+        self._failures_logged = 0  # reward failures already shown in a step record
         self.summary: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._bg: set[asyncio.Task[Any]] = set()
@@ -503,6 +504,9 @@ class Controller:
             rec["value_loss"] = outs[1][0]["metrics"].get("loss")
         rec["stage_time_s"] = _stage_times(log, prev_end, now)
         rec["reward_failures"] = len(p.failures)
+        if fresh := p.failures[self._failures_logged :]:  # why, in the user's own words
+            rec["reward_errors"] = sorted({f["error"] for f in fresh})[:3]
+        self._failures_logged = len(p.failures)
         return rec
 
     # ------------------------------------------------------------------ eval and checkpoints

@@ -23,6 +23,7 @@ class Progress:
             disable=not enabled,
             file=sys.stderr,
         )
+        self._errors_shown: set[str] = set()
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -37,6 +38,17 @@ class Progress:
         }
         if "eval_accuracy" in rec:
             post["eval"] = f"{rec['eval_accuracy']:.3f}"
+        if rec.get("reward_failures"):
+            post["reward_fail"] = str(rec["reward_failures"])
+        for error in rec.get("reward_errors", []):
+            # each distinct message once (the first 20), even with the bar off
+            if error not in self._errors_shown and len(self._errors_shown) < 20:
+                self._errors_shown.add(error)
+                tqdm.write(
+                    f"warning: the reward function failed on a sample ({error}); it scores 0 "
+                    "or is regenerated per reward.on_failure",
+                    file=sys.stderr,
+                )
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 

@@ -258,6 +258,16 @@ class Pipeline:
             if m.get("n_failed"):
                 failed = m.get("failed", [])
                 self.failures.extend({"row": r, "error": e} for r, e in failed)
+                self.log.metrics(
+                    {
+                        "event": "reward_failure",
+                        "step": int(batch.meta[0].get("step", -1)) if batch.meta else -1,
+                        "rows": [int(r) for r, _ in failed],
+                        "errors": sorted({str(e) for _, e in failed})[:5],
+                        "on_failure": self.cfg.reward.on_failure,
+                        "time_s": self.log.now(),
+                    }
+                )
                 if self.cfg.reward.on_failure == "regenerate":
                     self._regenerate({int(r) for r, _ in failed} & set(live), batch)
 

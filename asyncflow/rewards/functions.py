@@ -24,8 +24,9 @@ import importlib
 import inspect
 import math
 import multiprocessing
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Connection
@@ -117,10 +118,12 @@ def _worker_main(spec: str, conn: Connection) -> None:
             return
         if request is None:
             return
-        try:
-            conn.send(("ok", _call(fn, *request)))
-        except BaseException as exc:
-            conn.send(("error", _describe(exc)))
+        # a list is a batch: one reply per item, in order, so the parent can time each one
+        for item in request if isinstance(request, list) else [request]:
+            try:
+                conn.send(("ok", _call(fn, *item)))
+            except BaseException as exc:
+                conn.send(("error", _describe(exc)))
 
 
 class _Worker:
@@ -135,7 +138,10 @@ class _Worker:
         if not self.conn.poll(start_timeout_s):
             self.kill()
             raise RuntimeError(f"reward worker for {spec!r} did not start in {start_timeout_s}s")
-        status, detail = self.conn.recv()
+        try:
+            status, detail = self.conn.recv()
+        except (EOFError, OSError):
+            status, detail = "died", f"exit code {self.process.exitcode}"
         if status != "ready":
             self.kill()
             raise RuntimeError(f"reward worker for {spec!r} failed to load it: {detail}")
@@ -156,6 +162,30 @@ class _Worker:
         except (EOFError, OSError):
             return "died", f"reward worker died (exit code {self.process.exitcode})"
         return status, value
+
+    def call_many(
+        self, requests: list[tuple[str, str, str]], timeout_s: float
+    ) -> tuple[list[tuple[str, Any, float]], str | None, str]:
+        """Blocking: send a batch, then wait up to ``timeout_s`` for each reply in turn.
+
+        Returns the ``(status, value, seconds)`` of the items answered, and, if the batch stopped
+        early, ``"timeout"`` or ``"died"`` with a message for the next item (whose process
+        must then be replaced); otherwise ``None, ""``.
+        """
+        self.conn.send(requests)
+        out: list[tuple[str, Any, float]] = []
+        t0 = time.perf_counter()
+        for _ in requests:
+            if not self.conn.poll(timeout_s):
+                return out, "timeout", f"TimeoutError: no result within {timeout_s:g}s"
+            try:
+                status, value = self.conn.recv()
+            except (EOFError, OSError):
+                return out, "died", f"reward worker died (exit code {self.process.exitcode})"
+            t1 = time.perf_counter()
+            out.append((status, value, t1 - t0))
+            t0 = t1
+        return out, None, ""
 
 
 def _as_score(value: Any) -> float:
@@ -234,6 +264,36 @@ class RewardScorer:
         t0 = time.perf_counter()
         if not self.isolate:
             return await self._score_in_process(prompt, response, answer, t0)
+        worker = await self._worker(t0)
+        if isinstance(worker, RewardResult):
+            return worker
+        return await self._score_in_worker(worker, (prompt, response, answer), t0)
+
+    async def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[RewardResult]:
+        """Score a batch of ``(prompt, response, answer)``; the same results as ``score`` on
+        each item (every item still has its own ``timeout_s``), with one hand-off per worker
+        process or thread instead of one per item."""
+        if self._closed:
+            raise RuntimeError("RewardScorer is closed")
+        items = list(items)
+        if not items:
+            return []
+        if not self.isolate:
+            if inspect.iscoroutinefunction(self.fn):
+                t0 = time.perf_counter()
+                return list(
+                    await asyncio.gather(*(self._score_in_process(*it, t0) for it in items))
+                )
+            return await self._score_many_in_threads(items)
+        # contiguous chunks, one per worker process (starting the missing ones)
+        n = min(self._num_workers, len(items))
+        size = -(-len(items) // n)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        parts = await asyncio.gather(*(self._score_chunk_in_workers(c) for c in chunks))
+        return [r for part in parts for r in part]
+
+    async def _worker(self, t0: float) -> _Worker | RewardResult:
+        """An idle worker (starting one if fewer than ``num_workers`` run), or the failure."""
         if self._started < self._num_workers and self._idle.empty():
             self._started += 1
             try:
@@ -241,8 +301,97 @@ class RewardScorer:
             except RuntimeError as exc:
                 self._started -= 1
                 return self._failure(str(exc), t0)
-        worker = await self._idle.get()
-        return await self._score_in_worker(worker, (prompt, response, answer), t0)
+        return await self._idle.get()
+
+    async def _score_chunk_in_workers(
+        self, items: list[tuple[str, str, str]]
+    ) -> list[RewardResult]:
+        results: list[RewardResult] = []
+        while len(results) < len(items):
+            t0 = time.perf_counter()
+            worker = await self._worker(t0)
+            if isinstance(worker, RewardResult):  # no process could start: fail the rest
+                results += [worker] * (len(items) - len(results))
+                break
+            healthy = False
+            try:
+                answered, stop, why = await asyncio.to_thread(
+                    worker.call_many, items[len(results) :], self.timeout_s
+                )
+                for status, value, seconds in answered:
+                    results.append(self._result(status, value, seconds))
+                if stop is not None:  # this item overran or killed the process
+                    results.append(self._failure(why, time.perf_counter() - self.timeout_s))
+                healthy = stop is None
+            finally:
+                if healthy:
+                    self._idle.put_nowait(worker)
+                else:  # timed out, died or we were cancelled mid-call: replace the process
+                    await self._replace(worker)
+        return results
+
+    def _result(self, status: str, value: Any, seconds: float) -> RewardResult:
+        if status != "ok":
+            return RewardResult(0.0, True, str(value), seconds, self.failure_policy)
+        try:
+            return RewardResult(_as_score(value), duration_s=seconds)
+        except (TypeError, ValueError) as exc:
+            return RewardResult(0.0, True, _describe(exc), seconds, self.failure_policy)
+
+    async def _score_many_in_threads(self, items: list[tuple[str, str, str]]) -> list[RewardResult]:
+        """A sync in-process function: the batch runs in one thread, item after item. An item
+        that overruns ``timeout_s`` fails, its thread is abandoned (a thread cannot be
+        stopped) and the rest of the batch goes on in a new one."""
+        loop = asyncio.get_running_loop()
+        results: list[RewardResult] = []
+        while len(results) < len(items):
+            replies: asyncio.Queue[tuple[str, Any, float]] = asyncio.Queue()
+            todo = items[len(results) :]
+            stop = threading.Event()  # set when this thread is abandoned: score nothing more
+
+            def run(
+                todo: list[tuple[str, str, str]] = todo,
+                q: asyncio.Queue[tuple[str, Any, float]] = replies,
+                stop: threading.Event = stop,
+            ) -> None:
+                for item in todo:
+                    if stop.is_set():
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        status, value = "ok", self.fn(*item)
+                    except Exception as exc:
+                        status, value = "error", _describe(exc)
+                    reply = (status, value, time.perf_counter() - t0)
+                    try:
+                        loop.call_soon_threadsafe(q.put_nowait, reply)
+                    except RuntimeError:  # the loop is gone: nobody is waiting any more
+                        return
+
+            thread = loop.run_in_executor(None, run)
+            try:
+                for _ in todo:
+                    try:
+                        async with asyncio.timeout(self.timeout_s):
+                            status, value, seconds = await replies.get()
+                            if status == "ok" and inspect.isawaitable(value):
+                                value = await value
+                    except TimeoutError:
+                        results.append(
+                            self._failure(
+                                f"TimeoutError: no result within {self.timeout_s:g}s",
+                                time.perf_counter() - self.timeout_s,
+                            )
+                        )
+                        break  # the thread is stuck on this item: the rest in a new one
+                    except Exception as exc:  # an awaitable result that raised
+                        status, value, seconds = "error", _describe(exc), 0.0
+                    results.append(self._result(status, value, seconds))
+                else:
+                    await thread
+            finally:
+                stop.set()
+        return results
 
     async def _score_in_worker(
         self, worker: _Worker, request: tuple[str, str, str], t0: float

@@ -81,19 +81,19 @@ class RewardRole:
             [r.tolist() for r in responses], skip_special_tokens=True
         )
         rows = [prompt_row(self.train, m) for m in batch.meta]
-        results = await asyncio.gather(
-            *(self.scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
+        results = await self.scorer.score_many(
+            [(r.prompt, t, r.answer) for r, t in zip(rows, texts)]
         )
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         req.unit.put("reward", batch.rows, rewards)
-        failed = [(rid, r.error) for rid, r in zip(batch.rows, results) if r.failed]
+        failed = [(rid, (r.error or "")[:300]) for rid, r in zip(batch.rows, results) if r.failed]
         self.scored += len(results)
         self.failures += len(failed)
         return rewards, {
             "produced": {"reward": Produced([[]] * len(batch.rows), "float32").to_json()},
             "metrics": {
                 "rewards": rewards.tolist(),
-                "failed": failed[:20],
+                "failed": failed,
                 "n_failed": len(failed),
             },
         }

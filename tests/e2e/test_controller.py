@@ -231,3 +231,64 @@ async def test_odd_prompts_per_step_streams_to_the_end(tmp_path: Path, k: int) -
     summary = await asyncio.wait_for(Controller(cfg).run(), 240)
     assert summary["steps"] == 3
     assert [s["samples"] for s in steps(cfg.run_dir)] == [24, 24, 24]
+
+
+FLAKY_REWARD = '''
+from asyncflow.rewards.math import arithmetic_reward
+
+
+def flaky(prompt, response, answer):
+    if len(response) % 3 == 1:
+        raise ValueError(f"cannot parse {response!r}")
+    return arithmetic_reward(prompt, response, answer)
+'''
+
+
+@pytest.mark.parametrize("policy", ["zero", "regenerate"])
+async def test_a_raising_reward_function_is_reported_and_loses_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    policy: str,
+) -> None:
+    """A user reward function that raises on about a third of the responses: every step still
+    trains its full batch, each failure is recorded with the function's own message (the step
+    record, a ``reward_failure`` event, a warning on stderr) and handled per
+    ``reward.on_failure``: scored 0, or its group generated again."""
+    (tmp_path / "flaky_rewards.py").write_text(FLAKY_REWARD)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.name=flaky-{policy}",
+            "run.progress=false",
+            "algorithm.steps=3",
+            "eval.every=0",
+            "eval.size=8",
+            "rollout.engine=transformers",
+            "reward.function=flaky_rewards:flaky",
+            f"reward.on_failure={policy}",
+        ],
+    )
+    summary = await asyncio.wait_for(Controller(cfg).run(), 300)
+    per_step = cfg.algorithm.prompts_per_step * cfg.algorithm.samples_per_prompt
+    assert summary["steps"] == 3
+    assert [s["samples"] for s in steps(cfg.run_dir)] == [per_step] * 3
+    lines = jsonl(cfg.run_dir / "metrics.jsonl")
+    failures = [x for x in lines if x.get("event") == "reward_failure"]
+    assert failures and summary["reward_failures"] == sum(len(f["rows"]) for f in failures)
+    assert all(e.startswith("ValueError: cannot parse") for f in failures for e in f["errors"])
+    assert any(s.get("reward_errors") for s in steps(cfg.run_dir))
+    assert "warning: the reward function failed on a sample (ValueError: cannot parse" in (
+        capfd.readouterr().err
+    )
+    trained = jsonl(cfg.run_dir / "samples.jsonl")
+    assert len(trained) == 3 * per_step and len({t["row"] for t in trained}) == 3 * per_step
+    regenerated = [x for x in lines if x.get("event") == "regenerate"]
+    if policy == "zero":
+        failed_rows = {r for f in failures for r in f["rows"]}
+        assert not regenerated
+        assert all(t["reward"] == 0.0 for t in trained if t["row"] in failed_rows)
+    else:
+        assert regenerated

@@ -51,6 +51,16 @@ USER_MODULE = textwrap.dedent(
     def dies(prompt, response, answer):
         os._exit(3)
 
+    def by_response(prompt, response, answer):
+        if response == "x":
+            while True:
+                pass
+        if response == "die":
+            os._exit(3)
+        if response == "raise":
+            raise KeyError("boom")
+        return float(response)
+
     class Holder:
         @staticmethod
         def method(prompt, response, answer):
@@ -176,3 +186,63 @@ async def test_cancelled_call_replaces_the_worker(user_module: str) -> None:
         after = await scorer.score("p", "y", "a")  # a fresh worker, not the spinning one
         assert after.score == 0.5 and not after.failed
         assert time.perf_counter() - t0 < 10
+
+
+async def test_score_many_isolated_matches_score_item_by_item(user_module: str) -> None:
+    """A batch through the child processes: one timeout, one death and one raise in the middle
+    fail only their own item; the items after them are scored by a replacement process."""
+    items = [("p", r, "a") for r in ["1", "x", "2", "die", "3", "raise", "4"]]
+    for workers in (1, 2):
+        async with RewardScorer(
+            f"{user_module}:by_response", timeout_s=0.5, num_workers=workers
+        ) as scorer:
+            t0 = time.perf_counter()
+            results = await scorer.score_many(items)
+            assert time.perf_counter() - t0 < 20
+            assert [r.score for r in results] == [1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0]
+            errors = [r.error for r in results]
+            assert errors[0] is None and errors[2] is None and errors[6] is None
+            assert "TimeoutError" in (errors[1] or "")
+            assert "reward worker died" in (errors[3] or "")
+            assert errors[5] == "KeyError: 'boom'"
+            assert [r.failed for r in results] == [False, True, False, True, False, True, False]
+            again = await scorer.score_many([("p", "5", "a")] * 3)  # workers were replaced
+            assert [r.score for r in again] == [5.0] * 3
+            assert await scorer.score_many([]) == []
+
+
+async def test_score_many_in_process_scores_each_item_once() -> None:
+    calls: list[str] = []
+
+    def fn(prompt: str, response: str, answer: str) -> float:
+        calls.append(response)
+        if response == "slow":
+            time.sleep(1.5)
+        if response == "bad":
+            raise RuntimeError("bad")
+        if response == "text":
+            return "1"  # type: ignore[return-value]
+        return 1.0 if response == answer else 0.0
+
+    scorer = RewardScorer(fn, isolate=False, timeout_s=0.5)
+    items = [("p", r, "7") for r in ["7", "slow", "8", "bad", "text", "7"]]
+    results = await scorer.score_many(items)
+    assert [r.score for r in results] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [r.failed for r in results] == [False, True, False, True, True, False]
+    assert "TimeoutError" in (results[1].error or "")
+    assert results[3].error == "RuntimeError: bad"
+    assert "not a number" in (results[4].error or "")
+    await asyncio.sleep(1.5)  # the abandoned thread finishes "slow" and scores nothing more
+    assert sorted(calls) == sorted(r for _, r, _ in items)
+
+    builtin = RewardScorer(arithmetic_reward, isolate=False, timeout_s=0.5)
+    answers = [("1+2=", "3>3", "3"), ("1+2=", "3>4", "3"), ("1+2=", "x", "3")]
+    one_by_one = [(await builtin.score(*it)).score for it in answers]
+    assert [r.score for r in await builtin.score_many(answers)] == one_by_one == [1.0, 0.0, 0.0]
+
+    async def async_fn(prompt: str, response: str, answer: str) -> float:
+        await asyncio.sleep(0)
+        return float(response)
+
+    batch = await RewardScorer(async_fn, isolate=False).score_many([("p", "2", "a")] * 2)
+    assert [r.score for r in batch] == [2.0, 2.0]
