@@ -503,6 +503,7 @@ class Controller:
         if len(outs) > 1:
             rec["value_loss"] = outs[1][0]["metrics"].get("loss")
         rec["stage_time_s"] = _stage_times(log, prev_end, now)
+        log.forget_spans(now)
         rec["reward_failures"] = len(p.failures)
         if fresh := p.failures[self._failures_logged :]:  # why, in the user's own words
             rec["reward_errors"] = sorted({f["error"] for f in fresh})[:3]

@@ -80,6 +80,12 @@ class RunLog:
         self.spans.append(span)
         self._spans.write(json.dumps(span.to_json()) + "\n")
 
+    def forget_spans(self, until: float) -> None:
+        """Drop the in-memory spans that ended by ``until`` (a step record's window start
+        never goes back; spans.jsonl keeps them all): each step scans a step's spans, not
+        the whole run's."""
+        self.spans = [s for s in self.spans if s.end > until]
+
     def metrics(self, record: dict[str, Any]) -> None:
         for listener in self.listeners:  # live views: /metrics, TensorBoard
             listener(record)
