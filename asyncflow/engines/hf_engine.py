@@ -216,22 +216,34 @@ class HFRolloutEngine:
         while True:
             batch = [await self._queue.get()]
             try:
-                async with asyncio.timeout(self._window):
-                    while len(batch) < self._max_batch_size:
-                        batch.append(await self._queue.get())
-            except TimeoutError:
-                pass
-            batch = [r for r in batch if not self._take_abort(r)]
-            if batch:
-                async with self._step_lock:
-                    try:
-                        await asyncio.to_thread(self._run_batch, batch, self._version)
-                    except Exception as error:  # fail the batch's requests, keep serving
-                        for request in batch:
-                            with self._abort_lock:
-                                self._inflight.discard(request.request_id)
-                            if not request.future.done():
-                                request.future.set_exception(error)
+                await self._serve_batch(batch)
+            except asyncio.CancelledError:
+                # closing: a batch still being gathered, or generating in its thread, is
+                # answered "abort" now (the thread skips finished requests), never dropped
+                for request in batch:
+                    if not request.done:
+                        self._finish(request, "abort", self._version)
+                raise
+
+    async def _serve_batch(self, batch: list[_Request]) -> None:
+        try:
+            async with asyncio.timeout(self._window):
+                while len(batch) < self._max_batch_size:
+                    batch.append(await self._queue.get())
+        except TimeoutError:
+            pass
+        live = [r for r in batch if not self._take_abort(r)]
+        if live:
+            async with self._step_lock:
+                try:
+                    await asyncio.to_thread(self._run_batch, live, self._version)
+                except Exception as error:  # fail the batch's requests, keep serving
+                    for request in live:
+                        request.done = True
+                        with self._abort_lock:
+                            self._inflight.discard(request.request_id)
+                        if not request.future.done():
+                            request.future.set_exception(error)
 
     def _take_abort(self, request: _Request) -> bool:
         """Resolve ``request`` as aborted if an abort for it arrived; True if it did."""

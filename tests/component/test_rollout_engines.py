@@ -133,6 +133,21 @@ async def test_hf_engine_parity_stops_and_abort(model_dir: Path) -> None:
     await engine.close()
 
 
+async def test_hf_engine_close_answers_a_batch_it_was_gathering(model_dir: Path) -> None:
+    """close() while the batcher holds requests it has taken off the queue (waiting out its
+    batching window): they are answered "abort", not dropped with the cancelled task."""
+    engine = HFRolloutEngine(str(model_dir), max_batch_size=8, batch_window_s=30.0)
+    await engine.start()
+    calls = [
+        asyncio.create_task(engine.generate(f"g{i}", [1, 5, 6], SamplingConfig(8)))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0.3)  # the batcher has taken all three and waits for more
+    await engine.close()
+    outs = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    assert [o.finish_reason for o in outs] == ["abort"] * 3
+
+
 # ---- vLLM: one engine start shared by the tests below ---------------------------------------
 
 
