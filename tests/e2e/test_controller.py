@@ -233,7 +233,7 @@ async def test_odd_prompts_per_step_streams_to_the_end(tmp_path: Path, k: int) -
     assert [s["samples"] for s in steps(cfg.run_dir)] == [24, 24, 24]
 
 
-FLAKY_REWARD = '''
+FLAKY_REWARD = """
 from asyncflow.rewards.math import arithmetic_reward
 
 
@@ -241,7 +241,7 @@ def flaky(prompt, response, answer):
     if len(response) % 3 == 1:
         raise ValueError(f"cannot parse {response!r}")
     return arithmetic_reward(prompt, response, answer)
-'''
+"""
 
 
 @pytest.mark.parametrize("policy", ["zero", "regenerate"])
