@@ -576,12 +576,16 @@ class Controller:
         total_samples = sum(x["samples"] for x in timed)
         total_tokens = sum(x["response_tokens"] for x in timed)
         train_time = sum(x["step_time_s"] for x in timed)
+        # one step's batch reward is noisy (64 samples): compare the first and last tenths
+        window = max(1, len(steps) // 10)
+        rewards = [x["reward_mean"] for x in steps]
         return {
             "steps": len(steps),
             "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
             "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else None,
-            "reward_first": steps[0]["reward_mean"] if steps else None,
-            "reward_last": steps[-1]["reward_mean"] if steps else None,
+            "reward_first": mean(rewards[:window]) if steps else None,
+            "reward_last": mean(rewards[-window:]) if steps else None,
+            "reward_window_steps": window,
             "samples_per_s": total_samples / train_time if train_time else math.nan,
             "tokens_per_s": total_tokens / train_time if train_time else math.nan,
             "train_time_s": train_time,

@@ -43,6 +43,16 @@ def test_redone_steps_count_once_as_last_trained(tmp_path: Path) -> None:
     assert (out["eval_accuracy_start"], out["eval_accuracy_end"]) == (0.25, 0.5)
 
 
+def test_first_and_last_reward_are_means_over_a_tenth_of_the_steps(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg.run_dir.mkdir(parents=True)
+    lines = [{**record(s, 64, 1.0), "reward_mean": float(s)} for s in range(20)]
+    (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    assert out["reward_window_steps"] == 2
+    assert (out["reward_first"], out["reward_last"]) == (0.5, 18.5)
+
+
 def test_a_committed_step_without_a_record_is_recovered_from_its_checkpoint(
     tmp_path: Path,
 ) -> None:
