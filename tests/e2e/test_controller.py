@@ -64,6 +64,8 @@ def test_default_grpo_raises_heldout_accuracy(runs: dict[str, Path]) -> None:
     assert acc[-1] >= acc[0] + 0.05, f"held-out accuracy did not rise: {acc}"
     summary = json.loads((runs["async"] / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["reward_failures"] == 0
+    # the training reward rises too (means over the first and last tenth of the steps)
+    assert summary["reward_last"] > summary["reward_first"], summary
     # every step's record, in order, with the weight sync that followed it broken down
     records = steps(runs["async"])
     assert [r["step"] for r in records] == list(range(STEPS))
