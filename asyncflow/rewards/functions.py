@@ -152,17 +152,6 @@ class _Worker:
         self.process.join(timeout=5)
         self.conn.close()
 
-    def call(self, request: tuple[str, str, str], timeout_s: float) -> tuple[str, Any]:
-        """Blocking: send one request and wait up to ``timeout_s`` for the reply."""
-        self.conn.send(request)
-        if not self.conn.poll(timeout_s):
-            return "timeout", f"TimeoutError: no result within {timeout_s:g}s"
-        try:
-            status, value = self.conn.recv()
-        except (EOFError, OSError):
-            return "died", f"reward worker died (exit code {self.process.exitcode})"
-        return status, value
-
     def call_many(
         self, requests: list[tuple[str, str, str]], timeout_s: float
     ) -> tuple[list[tuple[str, Any, float]], str | None, str]:
@@ -264,10 +253,7 @@ class RewardScorer:
         t0 = time.perf_counter()
         if not self.isolate:
             return await self._score_in_process(prompt, response, answer, t0)
-        worker = await self._worker(t0)
-        if isinstance(worker, RewardResult):
-            return worker
-        return await self._score_in_worker(worker, (prompt, response, answer), t0)
+        return (await self._score_chunk_in_workers([(prompt, response, answer)]))[0]
 
     async def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[RewardResult]:
         """Score a batch of ``(prompt, response, answer)``; the same results as ``score`` on
@@ -321,7 +307,7 @@ class RewardScorer:
                 for status, value, seconds in answered:
                     results.append(self._result(status, value, seconds))
                 if stop is not None:  # this item overran or killed the process
-                    results.append(self._failure(why, time.perf_counter() - self.timeout_s))
+                    results.append(self._result("error", why, self.timeout_s))
                 healthy = stop is None
             finally:
                 if healthy:
@@ -377,12 +363,8 @@ class RewardScorer:
                             if status == "ok" and inspect.isawaitable(value):
                                 value = await value
                     except TimeoutError:
-                        results.append(
-                            self._failure(
-                                f"TimeoutError: no result within {self.timeout_s:g}s",
-                                time.perf_counter() - self.timeout_s,
-                            )
-                        )
+                        why = f"TimeoutError: no result within {self.timeout_s:g}s"
+                        results.append(self._result("error", why, self.timeout_s))
                         break  # the thread is stuck on this item: the rest in a new one
                     except Exception as exc:  # an awaitable result that raised
                         status, value, seconds = "error", _describe(exc), 0.0
@@ -392,26 +374,6 @@ class RewardScorer:
             finally:
                 stop.set()
         return results
-
-    async def _score_in_worker(
-        self, worker: _Worker, request: tuple[str, str, str], t0: float
-    ) -> RewardResult:
-        healthy = False
-        try:
-            status, value = await asyncio.to_thread(worker.call, request, self.timeout_s)
-            healthy = status in ("ok", "error")
-            if status != "ok":
-                return self._failure(str(value), t0)
-            try:
-                score = _as_score(value)
-            except (TypeError, ValueError) as exc:
-                return self._failure(_describe(exc), t0)
-            return RewardResult(score, duration_s=time.perf_counter() - t0)
-        finally:
-            if healthy:
-                self._idle.put_nowait(worker)
-            else:  # timed out, died or we were cancelled mid-call: replace the process
-                await self._replace(worker)
 
     async def _replace(self, worker: _Worker) -> None:
         await self._retire(worker)
