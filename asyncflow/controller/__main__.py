@@ -2,6 +2,10 @@
 
 With no argument it runs the default: GRPO on the built-in arithmetic task with the built-in
 tiny model, workers spawned locally, progress on the terminal, metrics in ``runs/tiny-grpo``.
+
+SIGTERM (``docker stop``, ``kill``) stops the run after the current step: a checkpoint of that
+step, the final evaluation, the summary, the workers stopped; exit status 0. A second SIGTERM,
+or Ctrl-C, stops at once (status 143 / 130), still without leaving a worker behind.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "overrides still apply)",
     )
     return p.parse_args(argv)
+
+
+async def run_until_done(controller: Controller) -> dict[str, Any]:
+    """Run the controller; the first SIGTERM asks it to stop after the current step, a second
+    one cancels the run."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_sigterm() -> None:
+        if controller.stopping:
+            print("second SIGTERM: stopping now", file=sys.stderr, flush=True)
+            task.cancel()
+        else:
+            print(
+                "SIGTERM: stopping after the current step (checkpoint, final evaluation, "
+                "summary); send it again to stop at once",
+                file=sys.stderr,
+                flush=True,
+            )
+            controller.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await controller.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        summary = runner(Controller(cfg, resume=args.resume is not None).run())
+        summary = runner(run_until_done(Controller(cfg, resume=args.resume is not None)))
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130
+    except asyncio.CancelledError:  # a second SIGTERM
+        print("terminated; workers stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(json.dumps(summary, indent=2))
     return 0
 

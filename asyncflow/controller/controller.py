@@ -91,6 +91,8 @@ class Controller:
         self._failures_logged = 0  # reward failures already shown in a step record
         self.summary: dict[str, Any] = {}
         self._stop = asyncio.Event()
+        self._steps_done = 0  # steps trained, as of the last one finished
+        self._saved_step = -1  # the step number of the newest checkpoint this run wrote
         self._bg: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,9 +144,12 @@ class Controller:
             )
             self.supervisor.watch_all()
             await self._evaluate(first, log)
+            self._steps_done = first
             await self._train(log, progress, first)
-            await self._evaluate(cfg.algorithm.steps, log)
+            await self._evaluate(self._steps_done, log)
             self.summary = self._summarize(log)
+            if self._steps_done < cfg.algorithm.steps:
+                self.summary["stopped_early"] = True
             (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             progress.note("writing the report")
             await self._report()
@@ -211,8 +216,17 @@ class Controller:
         return int(state["step"])
 
     def stop(self) -> None:
-        """Ask a running :meth:`run` to finish after the current step."""
+        """Ask a running :meth:`run` to finish after the current step: it saves a checkpoint
+        of that step (unless ``checkpoint.at_end`` is off; ``--resume`` continues from it), runs
+        the final evaluation, writes the summary (``stopped_early: true``) and stops its
+        workers. Safe to call from a signal handler on the run's loop; calling it again changes
+        nothing."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
 
     # ------------------------------------------------------------------ workers
     def _pin(self, settings: dict[str, dict[str, Any]]) -> None:
@@ -404,10 +418,16 @@ class Controller:
                 pending = asyncio.create_task(
                     self._close_step(step, outs, evaluate, log, progress), name=f"sync-{step}"
                 )
-                if evaluate or last or self._stop.is_set():
+                self._steps_done = step + 1
+                # a stop needs this step checkpointed; one requested after this step's commit
+                # is honoured after the next step, whose commit sees it
+                stop = self._stop.is_set() and (
+                    not cfg.checkpoint.at_end or self._saved_step == step + 1
+                )
+                if evaluate or last or stop:
                     await pending
                     pending = None
-                if self._stop.is_set():
+                if stop:
                     break
         finally:
             if pending is not None and not pending.done():
@@ -442,7 +462,8 @@ class Controller:
         due = (every and (step + 1) % every == 0) or (last and self.cfg.checkpoint.at_end)
 
         async def commit(outs: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
-            if due:
+            # a stop (see :meth:`stop`) ends the run at this step: save it
+            if due or (self._stop.is_set() and self.cfg.checkpoint.at_end):
                 await self._checkpoint(step + 1, int(outs[0]["version"]), records)
 
         return commit
@@ -554,6 +575,7 @@ class Controller:
         tmp = path / "controller_state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(path / "controller_state.json")  # atomic: a checkpoint is whole or absent
+        self._saved_step = step
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:

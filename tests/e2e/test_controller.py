@@ -294,3 +294,51 @@ async def test_a_raising_reward_function_is_reported_and_loses_nothing(
         assert all(t["reward"] == 0.0 for t in trained if t["row"] in failed_rows)
     else:
         assert regenerated
+
+
+def test_a_second_sigterm_stops_at_once_and_leaves_no_worker(tmp_path: Path) -> None:
+    """The CLI: the first SIGTERM asks for a stop after the step, a second one cancels the run
+    (exit status 143); either way no worker is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "asyncflow.controller",
+        f"run.output_dir={tmp_path}",
+        "run.name=term2",
+        "algorithm.steps=1000",
+        "eval.size=16",
+        "eval.every=0",
+        "rollout.engine=transformers",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    run_dir = tmp_path / "term2"
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or not steps(run_dir):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        workers = [int(x) for x in out.stdout.split()]
+        assert len(workers) == 3
+        proc.send_signal(signal.SIGTERM)
+        seen = []
+        while not any("SIGTERM: stopping after the current step" in x for x in seen):
+            line = proc.stderr.readline()  # the run is still finishing its step after this
+            assert line, "".join(seen)[-2000:]
+            seen.append(line)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "second SIGTERM: stopping now" in err
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers):
+        assert time.monotonic() < deadline, "a worker outlived the controller"
+        time.sleep(0.2)

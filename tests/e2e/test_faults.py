@@ -151,3 +151,52 @@ def test_resume_after_controller_sigkill_trains_the_same_prompts(tmp_path: Path)
     )
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert resumed == check_exactly_once(tmp_path / "plain", steps)
+
+
+def test_sigterm_stops_after_a_checkpointed_step_and_resume_continues_from_it(
+    tmp_path: Path,
+) -> None:
+    """``docker stop`` sends SIGTERM: the run ends after the current step with a checkpoint of
+    that step (the only one: periodic checkpoints are off), its final evaluation and summary,
+    exit status 0 and no worker left; ``--resume`` continues from exactly that step."""
+    run_dir = tmp_path / "term"
+    cmd = [*controller_cmd(tmp_path, "term", 1000), "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: n_steps(run_dir) >= 3, 300)
+        workers = children(proc.pid)
+        assert len(workers) == 3
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopping after the current step" in err
+    poll(lambda: not any(alive(p) for p in workers), 30)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_early"] is True and 3 <= stopped < 1000
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved == [f"step_{stopped:06d}"]
+    evals = [e for e in jsonl(run_dir / "metrics.jsonl") if e.get("event") == "eval"]
+    assert evals[-1]["step"] == stopped
+    check_exactly_once(run_dir, stopped)
+
+    resume = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asyncflow.controller",
+            "--resume",
+            str(run_dir),
+            f"algorithm.steps={stopped + 2}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    events = jsonl(run_dir / "metrics.jsonl")
+    assert [e["step"] for e in events if e.get("event") == "resumed"] == [stopped]
+    check_exactly_once(run_dir, stopped + 2)
+    assert "stopped_early" not in json.loads((run_dir / "summary.json").read_text())
