@@ -102,6 +102,21 @@ class Controller:
         run_dir = cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(run_dir) if self.resume else None
+        if state is not None and int(state["step"]) >= cfg.algorithm.steps:
+            # nothing to train: say so instead of starting workers for two evaluations
+            print(
+                f"{run_dir}: already trained {state['step']} steps (algorithm.steps="
+                f"{cfg.algorithm.steps}); pass algorithm.steps=N with N > {state['step']} to "
+                "train further",
+                file=sys.stderr,
+            )
+            summary_file = run_dir / "summary.json"
+            self.summary = (
+                json.loads(summary_file.read_text())
+                if summary_file.is_file()
+                else self._summarize()
+            )
+            return self.summary
         if not self.resume:
             public = cfg.to_json()
             public["run"]["token"] = None  # the secret stays in memory
@@ -147,7 +162,7 @@ class Controller:
             self._steps_done = first
             await self._train(log, progress, first)
             await self._evaluate(self._steps_done, log)
-            self.summary = self._summarize(log)
+            self.summary = self._summarize()
             if self._steps_done < cfg.algorithm.steps:
                 self.summary["stopped_early"] = True
             (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
@@ -583,7 +598,7 @@ class Controller:
         for old in done[: -self.cfg.checkpoint.keep]:
             shutil.rmtree(old.parent, ignore_errors=True)
 
-    def _summarize(self, log: RunLog) -> dict[str, Any]:
+    def _summarize(self) -> dict[str, Any]:
         lines = [
             json.loads(x)
             for x in (self.cfg.run_dir / "metrics.jsonl").read_text().splitlines()

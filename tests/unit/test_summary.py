@@ -34,7 +34,7 @@ def test_redone_steps_count_once_as_last_trained(tmp_path: Path) -> None:
         {"event": "eval", "step": 5, "eval_accuracy": 0.5},
     ]
     (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    out = Controller(cfg)._summarize()
     assert out["steps"] == 5
     # steps 0-1 from the first run (1 s each), 2-4 as redone (0.5 s each)
     assert out["train_time_s"] == pytest.approx(3.5)
@@ -48,7 +48,7 @@ def test_first_and_last_reward_are_means_over_a_tenth_of_the_steps(tmp_path: Pat
     cfg.run_dir.mkdir(parents=True)
     lines = [{**record(s, 64, 1.0), "reward_mean": float(s)} for s in range(20)]
     (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    out = Controller(cfg)._summarize()
     assert out["reward_window_steps"] == 2
     assert (out["reward_first"], out["reward_last"]) == (0.5, 18.5)
 
@@ -79,6 +79,28 @@ def test_a_committed_step_without_a_record_is_recovered_from_its_checkpoint(
     with path.open("a") as f:
         f.write("".join(json.dumps(x) + "\n" for x in more))
     assert recorded_steps(path) == {0, 1, 2, 3}
-    out = Controller(cfg)._summarize(None)  # type: ignore[arg-type]
+    out = Controller(cfg)._summarize()
     assert out["steps"] == 4
     assert out["samples_per_s"] == pytest.approx(3 * 64 / 2.5)  # the recovered step untimed
+
+
+@pytest.mark.parametrize("with_summary", [True, False])
+async def test_resuming_a_finished_run_starts_nothing_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], with_summary: bool
+) -> None:
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "algorithm.steps=3"])
+    ckpt = cfg.run_dir / "checkpoints" / "step_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "controller_state.json").write_text(json.dumps({"step": 3, "version": 3}))
+    lines = [record(s, 64, 1.0) for s in range(3)]
+    metrics = "".join(json.dumps(x) + "\n" for x in lines)
+    (cfg.run_dir / "metrics.jsonl").write_text(metrics)
+    if with_summary:
+        (cfg.run_dir / "summary.json").write_text(json.dumps({"steps": 3, "mine": True}))
+    controller = Controller(cfg, resume=True)
+    out = await controller.run()
+    assert out == ({"steps": 3, "mine": True} if with_summary else controller._summarize())
+    assert out["steps"] == 3
+    assert controller.workers == {}  # no worker was started
+    assert (cfg.run_dir / "metrics.jsonl").read_text() == metrics
+    assert "already trained 3 steps" in capsys.readouterr().err
