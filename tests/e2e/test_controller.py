@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -299,11 +303,6 @@ async def test_a_raising_reward_function_is_reported_and_loses_nothing(
 def test_a_second_sigterm_stops_at_once_and_leaves_no_worker(tmp_path: Path) -> None:
     """The CLI: the first SIGTERM asks for a stop after the step, a second one cancels the run
     (exit status 143); either way no worker is left."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     cmd = [
         sys.executable,
         "-m",
