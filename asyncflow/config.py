@@ -142,6 +142,10 @@ class TrainerConfig(_Section):
     #: "bf16": forward/backward under bfloat16 autocast (float32 weights, optimizer and loss);
     #: about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs; "fp32": float32 throughout
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    #: pack each GRPO group as one sequence (prompt once, then every response; block attention
+    #: mask): forward/backward about 1.8x faster on short answers. Its explicit (S x S) mask
+    #: rules out fused causal attention kernels: turn it off for very long groups on a GPU
+    shared_prefix: bool = True
 
 
 class SyncConfig(_Section):

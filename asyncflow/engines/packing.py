@@ -18,7 +18,7 @@ expects, so packing is invisible above the engine.
 Rows are grouped when consecutive rows carry the identical prompt (how the controller hands out
 whole groups); any other row is packed on its own (which still drops its padding). The attention
 mask is an explicit ``(G, 1, S, S)`` tensor, so fused causal kernels are not used: for very long
-groups on a GPU turn it off (``TrainerConfig.shared_prefix = False``).
+groups on a GPU turn it off (``actor.shared_prefix=false``).
 """
 
 from __future__ import annotations

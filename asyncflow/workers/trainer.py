@@ -65,6 +65,7 @@ def _engine_config(settings: Mapping[str, Any]) -> Any:
         temperature=float(settings.get("temperature", 1.0)),
         device=settings.get("device"),
         mixed_precision=str(settings.get("mixed_precision", "fp32")),
+        shared_prefix=bool(settings.get("shared_prefix", True)),
     )
 
 

@@ -85,3 +85,19 @@ def test_config_module_imports_no_torch() -> None:
     code = "import sys, asyncflow.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_trainer_keys_reach_the_training_engine(value: bool) -> None:
+    """A key of the actor/critic sections ends up in the engine's TrainerConfig, not only in
+    the validated tree (actor.shared_prefix used to exist only inside the engine)."""
+    from asyncflow.controller.settings import role_settings
+    from asyncflow.workers.trainer import _engine_config
+
+    cfg = load_config(
+        None, [f"actor.shared_prefix={str(value).lower()}", "actor.mixed_precision=bf16"]
+    )
+    settings = role_settings(cfg)
+    engine = _engine_config(settings["actor"])
+    assert engine.shared_prefix is value and engine.mixed_precision == "bf16"
+    assert _engine_config(settings["critic"]).shared_prefix is True
