@@ -54,7 +54,7 @@ COPY pyproject.toml README.md ./
 COPY asyncflow ./asyncflow
 COPY configs ./configs
 RUN pip freeze | grep -i '^torch==' > /tmp/keep-torch.txt \
-    && pip install -c /tmp/keep-torch.txt . \
+    && pip install -c /tmp/keep-torch.txt '.[plots,parquet]' \
     && rm /tmp/keep-torch.txt \
     && python -c "import torch, transformers, aiohttp, asyncflow.workers.__main__; print('torch', torch.__version__)"
 # `asyncflow controller ARGS` / `asyncflow worker ARGS` / any other command. The controller takes

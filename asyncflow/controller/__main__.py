@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow.config import ConfigError, load_config
-from asyncflow.controller.controller import Controller
+from asyncflow.controller.controller import Controller, NoCheckpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         summary = runner(run_until_done(Controller(cfg, resume=args.resume is not None)))
+    except NoCheckpoint as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130

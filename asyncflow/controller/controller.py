@@ -280,8 +280,10 @@ class Controller:
         jobs: list[tuple[str, Any]] = []
         for role, (n, urls) in self._roles().items():
             if urls:
+                wait_s = self.cfg.workers.start_s
                 jobs += [
-                    (role, attach_worker(role, f"{role}{i}", u, token)) for i, u in enumerate(urls)
+                    (role, attach_worker(role, f"{role}{i}", u, token, wait_s))
+                    for i, u in enumerate(urls)
                 ]
             else:
                 jobs += [(role, self._spawn_one(role, i, 0)) for i in range(n)]
@@ -633,11 +635,20 @@ class Controller:
         }
 
 
+class NoCheckpoint(ValueError):
+    """``--resume`` of a run directory that holds no complete checkpoint."""
+
+
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The controller state of the newest complete checkpoint of a run."""
     done = sorted((run_dir / "checkpoints").glob("step_*/controller_state.json"))
     if not done:
-        raise ValueError(f"{run_dir}: no complete checkpoint to resume from")
+        raise NoCheckpoint(
+            f"{run_dir}: no complete checkpoint to resume from. A run saves one every "
+            "checkpoint.every steps (0, the default: only at the end) and when it is stopped "
+            "with SIGTERM; a run killed before any was saved must start again (without "
+            "--resume). Set checkpoint.every=N for runs that must survive a kill."
+        )
     state: dict[str, Any] = json.loads(done[-1].read_text())
     return state
 

@@ -112,18 +112,29 @@ def test_weight_sync_port_is_fixed(services: dict[str, Any]) -> None:
     assert ports and ports[-1] > 0
 
 
+def mounts(service: dict[str, Any]) -> set[str]:
+    found = set()
+    for v in service.get("volumes", []):
+        found.add(v["target"] if isinstance(v, dict) else v.split(":")[1])
+    return found
+
+
 def test_controller_and_actor_share_the_run_directory(services: dict[str, Any]) -> None:
     _, overrides = controller_overrides(services)
     out_dir = [o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir=")][-1]
+    assert out_dir in mounts(services["controller"]) and out_dir in mounts(services["actor"])
 
-    def mounts(name: str) -> set[str]:
-        found = set()
-        for v in services[name].get("volumes", []):
-            target = v["target"] if isinstance(v, dict) else v.split(":")[1]
-            found.add(target)
-        return found
 
-    assert out_dir in mounts("controller") and out_dir in mounts("actor")
+def test_every_service_sees_the_models_folder_and_workers_restart(
+    services: dict[str, Any],
+) -> None:
+    """A preset whose model.path is a folder (configs/smollm2.yaml: models/smollm2-135m,
+    relative to the image's /app) finds it in every container; a failed worker is restarted,
+    and the controller waits for it at its URL."""
+    for name in (*WORKER_ROLES, "controller"):
+        assert "/app/models" in mounts(services[name]), name
+    for role in WORKER_ROLES:
+        assert services[role].get("restart") == "on-failure", role
 
 
 def assert_settings_agree(services: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -104,3 +104,19 @@ async def test_resuming_a_finished_run_starts_nothing_and_says_so(
     assert controller.workers == {}  # no worker was started
     assert (cfg.run_dir / "metrics.jsonl").read_text() == metrics
     assert "already trained 3 steps" in capsys.readouterr().err
+
+
+def test_resuming_a_run_without_a_checkpoint_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed before its first checkpoint (the default saves only at the end): --resume
+    exits 2 with what to do, not a traceback, and starts nothing."""
+    from asyncflow.controller.__main__ import main
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+    assert main(["--resume", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint to resume from" in err and "checkpoint.every" in err
+    assert "Traceback" not in err
