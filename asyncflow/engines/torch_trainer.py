@@ -257,7 +257,8 @@ class TorchEngineBase:
 
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far (restored by :meth:`load`)."""
+        """Training steps taken so far, skipped ones included: the policy version (restored by
+        :meth:`load`)."""
         return self._step
 
     # --- optimizer --------------------------------------------------------------------------
@@ -456,7 +457,11 @@ class TorchEngineBase:
             offset += n
 
     def _optimizer_step(self) -> tuple[float, bool]:
-        """Clip, step (unless the gradient is not finite) and advance the schedule."""
+        """Clip, step (unless the gradient is not finite) and advance the schedule.
+
+        A skipped step still counts: :attr:`step` is the policy version, and the controller
+        admits rollouts, measures staleness and names checkpoints by it, so it must advance once
+        per training step (the weights of the new version equal the old ones)."""
         assert self.optimizer is not None
         params = [p for _, p in self._named_trainable()]
         max_norm = self.config.optimizer.max_grad_norm
@@ -465,6 +470,7 @@ class TorchEngineBase:
         self._last_lr = self.current_lr()
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
+            self._step += 1
             return grad_norm, True
         for group in self.optimizer.param_groups:
             group["lr"] = self._last_lr

@@ -249,3 +249,18 @@ def test_critic_value_loss_falls_and_checkpoints(model_dir: Path, tmp_path: Path
     restored = TorchCriticEngine(tmp_path / "critic", config(lr=1e-3))
     restored.load(str(tmp_path / "critic"))
     torch.testing.assert_close(restored.values(batch), critic.values(batch), atol=0, rtol=0)
+
+
+def test_a_skipped_step_still_advances_the_policy_version(model_dir: Path) -> None:
+    """A non-finite gradient skips the optimizer step but not the version: the controller admits
+    rollouts and names checkpoints by it (k = 0 would otherwise wait forever for version s + 1)."""
+    engine = TorchTrainingEngine(model_dir, config())
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    bad = make_batch()
+    bad.tensors["advantages"] = torch.full_like(bad.tensors["advantages"], float("nan"))
+    out = engine.train_step([bad], PolicyObjective())
+    assert out["skipped"] == 1.0 and engine.step == 1
+    after = engine.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights untouched
+    out = engine.train_step([make_batch()], PolicyObjective())
+    assert out["skipped"] == 0.0 and engine.step == 2
