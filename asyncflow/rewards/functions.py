@@ -24,6 +24,7 @@ import importlib
 import inspect
 import math
 import multiprocessing
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -178,10 +179,24 @@ class _Worker:
 
 
 def _as_score(value: Any) -> float:
-    """The value as a finite float; raises ``TypeError``/``ValueError`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"reward function returned {type(value).__name__} {value!r}, not a number")
-    score = float(value)
+    """The value as a finite float; raises ``TypeError``/``ValueError`` otherwise.
+
+    Any real number is a score: ``int``, ``float``, ``bool`` (``pred == answer``: 1.0 or 0.0),
+    ``Fraction``, numpy scalars; so is a single value held in a 0-d array (numpy, torch: what a
+    ``.sum()`` or ``.mean()`` returns), read with ``.item()``."""
+    number = value
+    if not isinstance(number, numbers.Real) and getattr(value, "ndim", None) == 0:
+        item = getattr(value, "item", None)
+        if callable(item):
+            number = item()  # np.bool_, 0-d ndarray, 0-d torch tensor
+    if not isinstance(number, numbers.Real):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise TypeError(f"reward function returned {type(value).__name__} {shown}, not a number")
+    try:
+        score = float(number)
+    except OverflowError:  # an int beyond the float range
+        score = math.inf
     if not math.isfinite(score):
         raise ValueError(f"reward function returned {score}, not a finite number")
     return score

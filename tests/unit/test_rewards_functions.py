@@ -65,6 +65,30 @@ USER_MODULE = textwrap.dedent(
         @staticmethod
         def method(prompt, response, answer):
             return 0.25
+
+    def returns_kind(prompt, response, answer):
+        # what common user code returns, named by the response
+        import numpy as np
+        import torch
+
+        return {
+            "bool": response == answer,
+            "np.float32": np.float32(0.5),
+            "np.int64": np.sum(np.array([1, 2])),
+            "np.bool_": np.bool_(True),
+            "np.0d": np.array(0.25),
+            "torch.0d": torch.tensor(0.75),
+            "torch.int": torch.tensor(3),
+            "np.nan": np.float64("nan"),
+            "torch.inf": torch.tensor(float("inf")),
+            "list": [1.0],
+            "np.vector": np.array([1.0, 2.0]),
+            "torch.vector": torch.tensor([1.0, 2.0]),
+            "none": None,
+            "text": "1.0",
+            "complex": 1j,
+            "huge": 10**400,
+        }[response]
     """
 )
 
@@ -246,3 +270,45 @@ async def test_score_many_in_process_scores_each_item_once() -> None:
 
     batch = await RewardScorer(async_fn, isolate=False).score_many([("p", "2", "a")] * 2)
     assert [r.score for r in batch] == [2.0, 2.0]
+
+
+ACCEPTED = {
+    "bool": 1.0,  # response == answer below
+    "np.float32": 0.5,
+    "np.int64": 3.0,
+    "np.bool_": 1.0,
+    "np.0d": 0.25,
+    "torch.0d": 0.75,
+    "torch.int": 3.0,
+}
+REFUSED = {
+    "np.nan": "not a finite number",
+    "torch.inf": "not a finite number",
+    "list": "not a number",
+    "np.vector": "not a number",
+    "torch.vector": "not a number",
+    "none": "not a number",
+    "text": "not a number",
+    "complex": "not a number",
+    "huge": "not a finite number",
+}
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
+async def test_numpy_torch_and_bool_rewards_are_numbers(user_module: str, isolate: bool) -> None:
+    """``pred == answer``, a numpy sum or a 0-d tensor is a score; garbage still fails clearly."""
+    fn = load_reward_function(f"{user_module}:returns_kind")
+    async with RewardScorer(fn, isolate=isolate, timeout_s=30.0) as scorer:
+        kinds = [*ACCEPTED, *REFUSED]
+        results = await scorer.score_many([("p", k, "bool") for k in kinds])
+        single = await scorer.score("p", "np.float32", "a")
+    got = dict(zip(kinds, results))
+    for kind, score in ACCEPTED.items():
+        r = got[kind]
+        assert not r.failed and r.error is None, (kind, r.error)
+        assert r.score == score and type(r.score) is float, (kind, r.score)
+    for kind, message in REFUSED.items():
+        r = got[kind]
+        assert r.failed and r.score == 0.0, kind
+        assert message in (r.error or ""), (kind, r.error)
+    assert single.score == 0.5 and not single.failed
