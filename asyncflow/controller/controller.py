@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from asyncflow.config import Config, from_tree
@@ -426,7 +426,9 @@ class Controller:
                 jobs = [p.train_step(step, "actor", "train", actor_cols, commit)]
                 if cfg.algorithm.name == "ppo":
                     jobs.append(p.train_step(step, "critic", "critic_train", ["values", "returns"]))
-                outs = await asyncio.gather(*jobs)
+                # the previous step's sync fails this one at once: at k = 0 the step cannot even
+                # be admitted before that sync, so waiting for its training would wait forever
+                outs = await _first_failure(asyncio.gather(*jobs), pending)
                 if pending is not None:
                     await pending
                     pending = None
@@ -651,6 +653,29 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         )
     state: dict[str, Any] = json.loads(done[-1].read_text())
     return state
+
+
+T = TypeVar("T")
+
+
+async def _first_failure(main: Awaitable[T], side: asyncio.Task[Any] | None) -> T:
+    """``await main``, but raise at once if ``side`` (already running) fails first; ``main``
+    is then cancelled. ``side`` is left to the caller (awaited, or cancelled)."""
+    fut = asyncio.ensure_future(main)
+    if side is None:
+        return await fut
+    try:
+        await asyncio.wait({fut, side}, return_when=asyncio.FIRST_EXCEPTION)
+        if not fut.done() and side.done() and not side.cancelled():
+            error = side.exception()
+            if error is not None:
+                raise error
+        return await fut
+    finally:
+        if not fut.done():
+            fut.cancel()
+            with contextlib.suppress(BaseException):
+                await fut
 
 
 def _stage_times(log: RunLog, since: float, until: float) -> dict[str, float]:

@@ -1,0 +1,85 @@
+"""The controller's step driver (``Controller._steps``) against a scripted pipeline: a failure
+of the background weight sync ends the run at once instead of leaving it waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncflow.config import load_config
+from asyncflow.controller.controller import Controller, _first_failure
+from asyncflow.controller.metrics import RunLog
+from asyncflow.controller.progress import Progress
+
+
+class SyncFails:
+    """Step 0 trains; its weight sync fails; step 1 cannot train before that sync (k = 0: its
+    rollout waits for version 1), so its training never returns."""
+
+    def __init__(self) -> None:
+        self.trained: list[int] = []
+
+    async def train_step(self, step: int, *args: Any) -> list[dict[str, Any]]:
+        self.trained.append(step)
+        if step > 0:
+            await asyncio.Event().wait()  # never: the sync it needs failed
+        return [{"version": step + 1, "metrics": {}}]
+
+    async def sync_weights(self, version: int) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        raise RuntimeError(f"weight sync to version {version}: failed 33 times in a row")
+
+
+async def test_a_failed_weight_sync_at_k0_fails_the_run_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(
+        None,
+        [f"run.output_dir={tmp_path}", "algorithm.staleness=0", "algorithm.streaming=false"],
+    )
+    controller = Controller(cfg)
+    controller.pipeline = SyncFails()  # type: ignore[assignment]
+    log = RunLog(tmp_path / "run")
+    try:
+        with pytest.raises(RuntimeError, match="weight sync to version 1"):
+            await asyncio.wait_for(controller._steps(log, Progress(10, enabled=False), 0), 20)
+    finally:
+        log.close()
+    assert controller.pipeline.trained == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_first_failure_returns_the_main_result_when_the_side_task_succeeds() -> None:
+    async def side() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> int:
+        await asyncio.sleep(0.02)
+        return 7
+
+    task = asyncio.create_task(side())
+    assert await _first_failure(main(), task) == 7
+    assert await _first_failure(main(), None) == 7
+
+
+async def test_first_failure_raises_the_main_error_and_cancels_on_a_side_error() -> None:
+    async def boom(what: str, delay: float) -> int:
+        await asyncio.sleep(delay)
+        raise ValueError(what)
+
+    with pytest.raises(ValueError, match="main"):
+        await _first_failure(boom("main", 0), asyncio.create_task(asyncio.sleep(1)))
+    cancelled = asyncio.Event()
+
+    async def forever() -> int:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return 0
+
+    with pytest.raises(ValueError, match="side"):
+        await _first_failure(forever(), asyncio.create_task(boom("side", 0.01)))
+    assert cancelled.is_set()
