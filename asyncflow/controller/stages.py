@@ -365,8 +365,8 @@ class Pipeline:
             start = self.log.now()
             outs = await asyncio.gather(*(self.call(w, "finish", params=params) for w in ranks))
             records = [r for b in batches for r in self._sample_records(step, b)]
-            if commit is not None:  # e.g. a checkpoint: if it fails, the step is redone
-                await commit(outs, records)
+            if commit is not None:  # e.g. a checkpoint
+                await self._commit(step, role, ranks, commit, outs, records)
         except BaseException:
             for p in pending:
                 p.cancel()
@@ -381,6 +381,35 @@ class Pipeline:
             self._record_trained(step, records)
             self.trained_version = max(self.trained_version, int(outs[0]["version"]))
         return outs
+
+    async def _commit(
+        self,
+        step: int,
+        role: str,
+        ranks: list[WorkerHandle],
+        commit: Commit,
+        outs: list[dict[str, Any]],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """Make a finished step durable. Its optimizer step is taken: while the ranks that took
+        it are alive a failed commit (say the checkpoint's save hit a full disk or a timeout) is
+        retried on its own -- redoing the step would step the optimizer on the same samples a
+        second time. Once a rank is lost (the supervisor restores its replacement from the last
+        checkpoint, before this step) the error goes up and the whole step is redone."""
+        failures = 0
+        while True:
+            try:
+                await commit(outs, records)
+                return
+            except (WorkerError, TransferError) as e:
+                lost = (
+                    any(not self.ready.setdefault(h.name, _set_event()).is_set() for h in ranks)
+                    or list(self.workers[role]) != ranks
+                )
+                if lost:
+                    raise
+                failures = self.note_failure(f"commit of {role} step {step}", e, failures)
+                await asyncio.sleep(min(0.05 * 2**failures, 2.0))
 
     async def _micro(
         self, worker: WorkerHandle, task: str, batch: BatchMeta, params: dict[str, Any]

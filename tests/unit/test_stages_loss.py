@@ -1,4 +1,7 @@
-"""A stage call whose rows are released by its own completion (it was their last consumer).
+"""Pipeline calls against scripted workers: rows released by their last consumer, a step's
+commit retried on its own.
+
+A stage call whose rows are released by its own completion (it was their last consumer).
 
 Seen in the chaos test: the reward worker died while the trainer held a step's rows; lineage
 sent those rows back to the reward stage (their advantages were lost), the trainer then
@@ -58,3 +61,67 @@ async def test_rescoring_the_last_use_of_trained_rows_releases_them(tmp_path: Pa
     again = await index.get_batch("reward", spec.batch, at_least=1)
     await pipe.run_op(spec, FakeReward(), again)  # type: ignore[arg-type]
     assert not any(r in index for r in rows)  # every task is done with them: released
+
+
+class FakeActor:
+    """The actor's handle: trains any micro-batch, counts its optimizer steps (``finish``)."""
+
+    name = "actor0"
+    unit = "actor0.1"
+    url = "http://actor0"
+
+    def __init__(self) -> None:
+        self.finishes = 0
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if path == "/v1/work/finish":
+            self.finishes += 1
+            return {"version": self.finishes, "metrics": {}}
+        assert path == "/v1/work/train_micro"
+        return {}
+
+
+async def test_a_failed_checkpoint_is_retried_without_a_second_optimizer_step(
+    tmp_path: Path,
+) -> None:
+    """The step's save fails once (a full disk, a timeout) while the actor lives: only the
+    commit is retried; the optimizer steps once on the step's samples and its rows are acked."""
+    from asyncflow.controller.pool import WorkerError
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "algorithm.samples_per_prompt=2",
+            "algorithm.prompts_per_step=1",
+            "algorithm.micro_batch_groups=1",
+        ],
+    )
+    index = SampleIndex()
+    register_tasks(index, cfg)
+    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
+    index.mark_ready(rows, "prompt", "dataset")
+    b = await index.get_batch("rollout", 1)
+    ragged = ("rollout0", [[3], [4]], "int64", 0)
+    index.complete(
+        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
+    )
+    b = await index.get_batch("reward", 1)
+    scalar = ("reward0", [[], []], "float32", -1)
+    index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
+
+    actor = FakeActor()
+    commits: list[int] = []
+
+    async def commit(outs: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+        commits.append(int(outs[0]["version"]))
+        if len(commits) == 1:
+            raise WorkerError("actor0", "save: [Errno 28] No space left on device", 500)
+
+    log = RunLog(tmp_path / "run")
+    pipe = Pipeline(cfg, index, {"actor": [actor]}, None, log)  # type: ignore[arg-type,dict-item]
+    outs = await pipe.train_step(0, "actor", "train", ["advantages"], commit)
+    log.close()
+    assert actor.finishes == 1 and commits == [1, 1] and outs[0]["version"] == 1
+    assert pipe.trained_version == 1
+    assert not any(r in index for r in rows)  # acked: every task is done with them
