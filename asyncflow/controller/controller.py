@@ -220,7 +220,10 @@ class Controller:
         p.loader.position = int(state["loader"]["position"])
         p.admitted_steps = int(state["admitted_steps"])
         p.version = p.trained_version = int(state["version"])
-        await p.call(self.workers["actor"][0], "load", params={"path": state["path"]})
+        # where the run directory is now (it may have been moved, or mounted elsewhere), not
+        # the absolute path recorded when the checkpoint was written
+        path = self._checkpoint_dir(int(state["step"]))
+        await p.call(self.workers["actor"][0], "load", params={"path": str(path)})
         log.truncate_samples(int(state["samples_before"]), state["samples_step"])
         last = int(state["step"]) - 1  # committed; its record is written after its sync
         if last >= 0 and last not in recorded_steps(self.cfg.run_dir / "metrics.jsonl"):
@@ -578,7 +581,7 @@ class Controller:
         ``step``: loader position, index snapshot, and this step's sample records."""
         p = self.pipeline
         assert p is not None
-        path = (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()
+        path = self._checkpoint_dir(step)
         await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
         path.mkdir(parents=True, exist_ok=True)  # the actor may be on another host
         state = {
@@ -596,6 +599,9 @@ class Controller:
         tmp.replace(path / "controller_state.json")  # atomic: a checkpoint is whole or absent
         self._saved_step = step
         self._prune_checkpoints()
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()
 
     def _prune_checkpoints(self) -> None:
         done = sorted((self.cfg.run_dir / "checkpoints").glob("step_*/controller_state.json"))

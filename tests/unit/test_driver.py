@@ -83,3 +83,50 @@ async def test_first_failure_raises_the_main_error_and_cancels_on_a_side_error()
     with pytest.raises(ValueError, match="side"):
         await _first_failure(forever(), asyncio.create_task(boom("side", 0.01)))
     assert cancelled.is_set()
+
+
+class RecordingPipeline:
+    """What :meth:`Controller._restore` touches, recording the calls it makes."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.loader = SimpleNamespace(position=0)
+        self.index: Any = None
+        self.admitted_steps = self.version = self.trained_version = 0
+
+    async def call(self, worker: Any, op: str, batch: Any = None, params: Any = None) -> Any:
+        self.calls.append((op, params))
+        return {}
+
+
+async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path) -> None:
+    """The checkpoint records the absolute path it was written at; a run directory copied
+    elsewhere (or a volume mounted at another path) loads from its own checkpoint folder."""
+    from asyncflow.transfer.index import SampleIndex
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'moved'}", "run.name=r"])
+    controller = Controller(cfg, resume=True)
+    pipe = RecordingPipeline()
+    controller.pipeline = pipe  # type: ignore[assignment]
+    controller.workers = {"actor": ["actor0"]}  # type: ignore[dict-item]
+    state = {
+        "step": 4,
+        "version": 4,
+        "loader": {"position": 32},
+        "admitted_steps": 5,
+        "index": SampleIndex().snapshot(),
+        "samples_before": 0,
+        "samples_step": [],
+        "path": str(tmp_path / "old" / "r" / "checkpoints" / "step_000004"),
+    }
+    log = RunLog(cfg.run_dir)
+    try:
+        assert await controller._restore(state, log) == 4
+    finally:
+        log.close()
+    assert pipe.calls == [
+        ("load", {"path": str((cfg.run_dir / "checkpoints" / "step_000004").resolve())})
+    ]
+    assert pipe.loader.position == 32 and pipe.version == 4 and pipe.admitted_steps == 5
