@@ -100,6 +100,8 @@ class Controller:
         """Start workers, train ``algorithm.steps`` steps, stop workers; returns the summary."""
         cfg = self.cfg
         run_dir = cfg.run_dir
+        if not self.resume:
+            set_aside_earlier_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(run_dir) if self.resume else None
         if state is not None and int(state["step"]) >= cfg.algorithm.steps:
@@ -641,6 +643,28 @@ class Controller:
             "run_dir": str(self.cfg.run_dir),
             "pid": os.getpid(),
         }
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """A fresh run never writes into an earlier run's directory: mixing the two would mix their
+    checkpoints (pruning would delete the new ones, ``--resume`` would load the old). The
+    earlier run is renamed to ``NAME.old-YYYYmmdd-HHMMSS`` and kept whole; returns where."""
+    earlier = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoints")
+    if not any((run_dir / name).exists() for name in earlier):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    run_dir.rename(dest)
+    print(
+        f"{run_dir} held an earlier run: moved it to {dest} (to continue a run instead, "
+        f"pass --resume {run_dir})",
+        file=sys.stderr,
+    )
+    return dest
 
 
 class NoCheckpoint(ValueError):

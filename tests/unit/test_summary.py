@@ -120,3 +120,28 @@ def test_resuming_a_run_without_a_checkpoint_is_a_clear_error(
     err = capsys.readouterr().err
     assert "no complete checkpoint to resume from" in err and "checkpoint.every" in err
     assert "Traceback" not in err
+
+
+def test_a_fresh_run_sets_an_earlier_run_of_the_same_name_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mixing two runs' checkpoints in one folder made pruning delete the new run's and
+    --resume load the old run's; the earlier run is now moved aside whole."""
+    from asyncflow.controller.controller import set_aside_earlier_run
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    assert set_aside_earlier_run(run_dir) is None  # an empty folder is no earlier run
+    ckpt = run_dir / "checkpoints" / "step_000300"
+    ckpt.mkdir(parents=True)
+    (ckpt / "controller_state.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    moved = set_aside_earlier_run(run_dir)
+    assert moved is not None and not run_dir.exists()
+    assert (moved / "checkpoints" / "step_000300" / "controller_state.json").is_file()
+    assert (moved / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert f"moved it to {moved}" in capsys.readouterr().err
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    again = set_aside_earlier_run(run_dir)
+    assert again is not None and again != moved and again.is_dir() and moved.is_dir()
