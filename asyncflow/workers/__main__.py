@@ -26,7 +26,7 @@ from typing import Any
 from asyncflow.config import Config, ConfigError, load_config
 from asyncflow.controller.settings import role_settings
 from asyncflow.transfer.storage import StorageUnit
-from asyncflow.workers.server import Role, WorkerServer
+from asyncflow.workers.server import Role, WorkerServer, detach_stdout
 
 ROLES = ("storage", "rollout", "reward", "reference", "actor", "critic")
 
@@ -142,11 +142,15 @@ async def amain(args: argparse.Namespace) -> None:
     token = args.token or (cfg.run.token if cfg is not None else None)
     if not token:
         raise SystemExit("a run token is required: --token, ASYNCFLOW_TOKEN or run.token")
+    # From here on stdout is the worker's log: what the role prints while it is built and
+    # started (a reward function at import, its scorer processes) never reaches the controller's
+    # pipe, which keeps only the ready line
+    ready_out = detach_stdout()
     pin(settings)
     role = make_role(args.role, settings)
     unit = StorageUnit(args.name or f"{args.role}-{os.getpid()}")
     server = WorkerServer(
-        role, unit, token, args.host, args.port, args.max_body, detach_stdout=True
+        role, unit, token, args.host, args.port, args.max_body, ready_out=ready_out
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

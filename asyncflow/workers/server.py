@@ -11,7 +11,9 @@ A worker is one OS process, one event loop. It serves:
 - ``POST /v1/shutdown``.
 
 When ready it prints one JSON line ``{"event": "ready", "url": ..., "unit": ...}`` on stdout;
-that is how a spawning controller learns the port it bound (``--port 0`` picks a free one).
+that is how a spawning controller learns the port it bound (``--port 0`` picks a free one). A
+worker process sends everything else its stdout gets to its log from the start (see
+:func:`detach_stdout`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from aiohttp import web
 from yarl import URL
@@ -90,9 +92,10 @@ class WorkerServer:
     counters: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
-    #: after the ready line, point stdout at stderr (the worker's log); set by the worker
-    #: process's entry point, never in-process (it would redirect the embedding program's stdout)
-    detach_stdout: bool = False
+    #: where the ready line goes (``None``: stdout), closed after it: the worker process's entry
+    #: point passes what :func:`detach_stdout` kept, never in-process (it would redirect the
+    #: embedding program's stdout)
+    ready_out: TextIO | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _client: TransferClient | None = None
 
@@ -123,20 +126,17 @@ class WorkerServer:
         await site.start()
         port = runner.addresses[0][1]
         url = f"http://{self.host}:{port}"
-        print(
-            json.dumps(
-                {
-                    "event": "ready",
-                    "url": url,
-                    "unit": self.unit.name,
-                    "role": self.role.name,
-                    "pid": os.getpid(),
-                }
-            ),
-            flush=True,
-        )
-        if self.detach_stdout:
-            stdout_to_stderr()
+        ready = {
+            "event": "ready",
+            "url": url,
+            "unit": self.unit.name,
+            "role": self.role.name,
+            "pid": os.getpid(),
+        }
+        print(json.dumps(ready), file=self.ready_out or sys.stdout, flush=True)
+        if self.ready_out is not None:
+            self.ready_out.close()  # the controller reads no further
+            self.ready_out = None
         try:
             await self._stop.wait()
         finally:
@@ -277,3 +277,17 @@ def stdout_to_stderr() -> None:
     64 KiB the next write blocks the worker forever. Child processes inherit the new fd 1."""
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
+def detach_stdout() -> TextIO:
+    """Point stdout at stderr (:func:`stdout_to_stderr`) now, and return a private stream on the
+    old stdout (the controller's pipe) for the ready line alone.
+
+    Called before the role is built: a reward function prints at import, and the child
+    processes a role starts (reward scorer processes, engine processes) inherit fd 1 -- had they
+    inherited the pipe, what they print would be lost, and would block them once it is full.
+    The kept descriptor is not inheritable, so no child process holds the pipe open."""
+    sys.stdout.flush()
+    kept = os.dup(sys.stdout.fileno())  # os.dup: non-inheritable
+    stdout_to_stderr()
+    return os.fdopen(kept, "w", encoding="utf-8")

@@ -7,13 +7,18 @@ The controller reads a worker's stdout pipe only until the ready line; vLLM keep
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from asyncflow.controller.pool import WORKER_ENV_DEFAULTS, spawn_worker
+from asyncflow.transfer.client import TransferClient
+from asyncflow.transfer.storage import ColumnData
 
 CHILD = """
 import sys
@@ -56,3 +61,54 @@ async def test_spawned_worker_stdout_is_its_log(tmp_path: Path) -> None:
         assert f"GLIBC_TUNABLES={first}".encode() in environ
     finally:
         await h.stop()
+
+
+NOISY_REWARD = """
+print("imported " + "i" * 100, flush=True)
+
+def noisy(prompt, response, answer):
+    for _ in range(64):
+        print("x" * 4096, flush=True)  # 256 KiB a call: four times what an unread pipe holds
+    return 1.0
+"""
+
+
+async def test_reward_function_prints_go_to_the_worker_log(tmp_path: Path) -> None:
+    """A user reward function's output (at import and in its scorer processes, which the role
+    starts before the ready line) lands in the worker's log; nothing holds the controller's
+    pipe after the ready line, and the calls do not stall on a full pipe."""
+    (tmp_path / "noisy_reward.py").write_text(NOISY_REWARD)
+    token = secrets.token_hex(8)
+    settings = {
+        "function": "noisy_reward:noisy",
+        "timeout_s": 10.0,
+        "processes": 1,
+        "data": {"train_size": 4},
+    }
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    h = await spawn_worker("reward", "rw0", token, settings, env=env, log_dir=tmp_path / "logs")
+    try:
+        assert h.proc is not None and h.proc.stdout is not None and h.log_path is not None
+        # every writer of the pipe let go of it: the controller's reader sees its end
+        assert await asyncio.wait_for(h.proc.stdout.read(), 10) == b""
+        rows = [0, 1]
+        ids = torch.tensor([5, 6, 7], dtype=torch.int64)
+        async with TransferClient({h.unit: h.url}, token) as client:
+            shapes = await client.put(
+                h.unit, rows, {"response_ids": ColumnData(ids, torch.tensor([2, 1]))}
+            )
+        batch = {
+            "task": "reward",
+            "rows": rows,
+            "groups": [0, 0],
+            "meta": [{"index": 0}, {"index": 1}],
+            "fields": {"response_ids": [[h.unit, s, "int64", 0] for s in shapes["response_ids"]]},
+        }
+        out = await h.call("/v1/work/score", {"batch": batch, "units": {h.unit: h.url}})
+        assert out["metrics"]["n_failed"] == 0, out["metrics"]["failed"]
+        assert out["metrics"]["rewards"] == [1.0, 1.0]
+    finally:
+        await h.stop()
+    text = h.log_path.read_text()
+    assert "imported " + "i" * 100 in text
+    assert text.count("x" * 4096) == 2 * 64
