@@ -261,8 +261,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         tree = loaded or {}
     for item in overrides:
         keys, value = parse_override(item)
+        raw = item.split("=", 1)[1].strip()
+        if _is_text_field(keys) and value is not None and not raw.startswith(("'", '"')):
+            # a text key takes the text as written: YAML would read run.name=2024-06-01 as a
+            # date and run.name=7 as a number, and cut "exp #1" at its comment marker
+            # (quoted YAML strings and null still mean what YAML says)
+            value = raw
         _set(tree, keys, value, item)
     return from_tree(tree)
+
+
+def _is_text_field(keys: Sequence[str]) -> bool:
+    """Whether ``keys`` names a field typed ``str`` (or ``str | None``) in :class:`Config`."""
+    model: Any = Config
+    ann: Any = None
+    for part in keys:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = model = field.annotation
+    return ann is str or ann == (str | None)
 
 
 def from_tree(tree: Mapping[str, Any]) -> Config:

@@ -101,3 +101,23 @@ def test_trainer_keys_reach_the_training_engine(value: bool) -> None:
     engine = _engine_config(settings["actor"])
     assert engine.shared_prefix is value and engine.mixed_precision == "bf16"
     assert _engine_config(settings["critic"]).shared_prefix is True
+
+
+def test_text_keys_take_the_text_as_written() -> None:
+    """YAML would make run.name=2024-06-01 a date, 7 a number and cut "exp #1" at the comment:
+    a text key keeps what was typed (how --resume runs/2024-06-01 names its run)."""
+    cfg = load_config(
+        None,
+        [
+            "run.name=2024-06-01",
+            "run.output_dir=7",
+            "model.path=models/exp #1",
+            "rollout.vllm.cpu_threads_bind=0",
+            "run.token=null",
+        ],
+    )
+    assert cfg.run.name == "2024-06-01" and cfg.run.output_dir == "7"
+    assert cfg.model.path == "models/exp #1" and cfg.rollout.vllm.cpu_threads_bind == "0"
+    assert cfg.run.token is None
+    assert load_config(None, ['run.name="quoted"']).run.name == "quoted"
+    assert load_config(None, ["actor.lr=1e-5"]).actor.lr == 1e-5  # other keys stay YAML
