@@ -20,6 +20,7 @@ from typing import Any
 
 from asyncflow.config import ConfigError, load_config
 from asyncflow.controller.controller import Controller, NoCheckpoint
+from asyncflow.controller.pool import WorkerError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         summary = runner(run_until_done(Controller(cfg, resume=args.resume is not None)))
-    except NoCheckpoint as e:
+    except (NoCheckpoint, ConfigError) as e:  # bad input found before any worker started
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:  # e.g. a worker that could not start: its log's end is in e
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130

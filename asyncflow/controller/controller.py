@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from asyncflow.config import Config, from_tree
+from asyncflow.config import Config, ConfigError, from_tree
 from asyncflow.controller.exporter import MetricsExporter
 from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.metrics import (
@@ -54,7 +54,7 @@ from asyncflow.controller.stages import (
 from asyncflow.controller.supervisor import Supervisor
 from asyncflow.report import write_report
 from asyncflow.report.tensorboard import TensorBoardWriter
-from asyncflow.tasks.sources import resolve_model, train_source
+from asyncflow.tasks.sources import eval_source, resolve_model, reward_spec, train_source
 from asyncflow.transfer.index import SampleIndex
 
 
@@ -100,6 +100,7 @@ class Controller:
         """Start workers, train ``algorithm.steps`` steps, stop workers; returns the summary."""
         cfg = self.cfg
         run_dir = cfg.run_dir
+        source = self._preflight()  # bad input fails here, before anything is written
         if not self.resume:
             set_aside_earlier_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,11 +130,6 @@ class Controller:
         try:
             progress.note("starting workers")
             await self._start_workers(run_dir)
-            source = train_source(
-                role_settings(cfg)["rollout"]["data"],
-                cfg.run.seed,
-                str(resolve_model(cfg.model.path)),
-            )
             if source.skipped:
                 log.metrics(
                     {
@@ -180,6 +176,33 @@ class Controller:
             await cancel_all(list(self._bg))
             await self._stop_workers()
             log.close()
+
+    def _preflight(self) -> Any:
+        """Check the run's inputs here, before any worker starts (a vLLM engine takes a minute
+        to start, and a worker that cannot read its data would only say so in its log): the
+        model folder, the reward function's name, the training and evaluation prompts.
+        Returns the training prompts (the loader needs their count)."""
+        cfg = self.cfg
+        settings = role_settings(cfg)
+        data = settings["rollout"]["data"]
+        checks: list[tuple[str, Callable[[], Any]]] = [
+            ("model.path", lambda: resolve_model(cfg.model.path)),
+            ("reward.function", lambda: reward_spec(cfg.reward.function)),
+        ]
+        for key, check in checks:
+            try:
+                check()
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        try:
+            source = train_source(data, cfg.run.seed, str(resolve_model(cfg.model.path)))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data.source: {e}") from None
+        try:
+            eval_source(data, settings["rollout"]["eval"], cfg.run.seed)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"eval.source: {e}") from None
+        return source
 
     async def _live_views(self, log: RunLog) -> list[Callable[[], Awaitable[None]]]:
         """Start /metrics (Prometheus) and TensorBoard; returns their closers."""
@@ -292,11 +315,20 @@ class Controller:
                 ]
             else:
                 jobs += [(role, self._spawn_one(role, i, 0)) for i in range(n)]
-        results = await asyncio.gather(*(j for _, j in jobs), return_exceptions=True)
-        for (role, _), h in zip(jobs, results):
-            if isinstance(h, WorkerHandle):
-                self.workers.setdefault(role, []).append(h)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        # The first worker that fails to start fails the start at once (the others are
+        # stopped: a spawn killed mid-start kills its process); every worker that did start is
+        # registered even when run() is cancelled meanwhile, so _stop_workers stops it.
+        tasks = [(role, asyncio.ensure_future(j)) for role, j in jobs]
+        try:
+            await asyncio.wait([t for _, t in tasks], return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for _, t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+            for (role, _), h in zip(tasks, results):
+                if isinstance(h, WorkerHandle):
+                    self.workers.setdefault(role, []).append(h)
+        errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise errors[0]
 

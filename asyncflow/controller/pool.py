@@ -167,7 +167,7 @@ async def spawn_worker(
         stderr.close()
     try:
         async with asyncio.timeout(start_timeout):
-            ready = await _ready_line(proc, name)
+            ready = await _ready_line(proc, name, log_path)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -176,13 +176,32 @@ async def spawn_worker(
     return WorkerHandle(name, role, ready["url"], ready["unit"], token, proc, log_path, ready)
 
 
-async def _ready_line(proc: asyncio.subprocess.Process, name: str) -> dict[str, Any]:
+def _log_tail(log_path: Path | None, lines: int = 12) -> str:
+    """The end of a worker's log, for an error message: why it stopped is usually there."""
+    if log_path is None:
+        return " (see its stderr)"
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f" (see {log_path})"
+    tail = [x for x in text.splitlines() if x.strip()][-lines:]
+    if not tail:
+        return f" (its log {log_path} is empty)"
+    body = "\n    ".join(x[:300] for x in tail)
+    return f"; the end of its log {log_path}:\n    {body}"
+
+
+async def _ready_line(
+    proc: asyncio.subprocess.Process, name: str, log_path: Path | None = None
+) -> dict[str, Any]:
     assert proc.stdout is not None
     while True:
         line = await proc.stdout.readline()
         if not line:
             code = await proc.wait()
-            raise WorkerError(name, f"exited with code {code} before it was ready (see its log)")
+            raise WorkerError(
+                name, f"exited with code {code} before it was ready{_log_tail(log_path)}"
+            )
         try:
             msg = json.loads(line)
         except json.JSONDecodeError:
