@@ -105,6 +105,8 @@ class Controller:
             set_aside_earlier_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(run_dir) if self.resume else None
+        if self.resume and (run_dir / "config.json").is_file():
+            check_resumable(json.loads((run_dir / "config.json").read_text()), cfg)
         if state is not None and int(state["step"]) >= cfg.algorithm.steps:
             # nothing to train: say so instead of starting workers for two evaluations
             print(
@@ -697,6 +699,50 @@ def set_aside_earlier_run(run_dir: Path) -> Path | None:
         file=sys.stderr,
     )
     return dest
+
+
+#: What a resumed run must keep: its checkpoint's index (groups of this shape, these tasks),
+#: loader position (over this dataset, in this order) and trainer state (this model) depend on it.
+FIXED_ON_RESUME = (
+    "algorithm.name",
+    "algorithm.prompts_per_step",
+    "algorithm.samples_per_prompt",
+    "model.path",
+    "data.source",
+    "data.train_size",
+    "data.shuffle",
+    "data.prompt_field",
+    "data.answer_field",
+    "data.on_bad_row",
+    "data.max_prompt_chars",
+    "run.seed",
+)
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: Config) -> None:
+    """Refuse to resume with a setting the checkpoint cannot follow (it would wait forever for
+    groups of a new shape, or load a different dataset's positions); name each one."""
+    now = cfg.to_json()
+
+    def get(tree: Mapping[str, Any], key: str) -> Any:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    changed = [
+        f"{key}: {get(saved, key)!r} -> {get(now, key)!r}"
+        for key in FIXED_ON_RESUME
+        if get(saved, key) is not None and get(saved, key) != get(now, key)
+    ]
+    kl_then = float(get(saved, "algorithm.kl_coef") or 0.0) > 0
+    if kl_then != (cfg.algorithm.kl_coef > 0):
+        changed.append("algorithm.kl_coef: the KL penalty (a reference worker) turned on or off")
+    if changed:
+        raise ConfigError(
+            "cannot resume with these settings changed (the checkpoint depends on them; start "
+            "a new run instead):\n  " + "\n  ".join(changed)
+        )
 
 
 class NoCheckpoint(ValueError):

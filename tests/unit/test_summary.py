@@ -145,3 +145,30 @@ def test_a_fresh_run_sets_an_earlier_run_of_the_same_name_aside(
     (run_dir / "config.json").write_text("{}")
     again = set_aside_earlier_run(run_dir)
     assert again is not None and again != moved and again.is_dir() and moved.is_dir()
+
+
+async def test_resuming_with_a_setting_the_checkpoint_depends_on_changed_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new group shape would leave the restored index waiting forever for groups that never
+    come; the refusal names every such key. Other keys (steps, lr, eval) may change."""
+    from asyncflow.config import ConfigError
+
+    where = [f"run.output_dir={tmp_path}", "run.name=r"]
+    cfg = load_config(None, [*where, "algorithm.steps=3"])
+    ckpt = cfg.run_dir / "checkpoints" / "step_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "controller_state.json").write_text(json.dumps({"step": 3, "version": 3}))
+    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"steps": 3}))
+    saved = cfg.run_dir / "config.json"
+    changed = load_config(
+        saved, [*where, "algorithm.prompts_per_step=4", "run.seed=5", "algorithm.kl_coef=0.1"]
+    )
+    with pytest.raises(ConfigError) as e:
+        await Controller(changed, resume=True).run()
+    text = str(e.value)
+    assert "algorithm.prompts_per_step: 8 -> 4" in text and "run.seed: 0 -> 5" in text
+    assert "algorithm.kl_coef" in text and "start a new run" in text
+    fine = load_config(saved, [*where, "actor.lr=1e-5", "eval.every=7"])
+    assert await Controller(fine, resume=True).run() == {"steps": 3}  # allowed: no refusal
