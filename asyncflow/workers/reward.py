@@ -24,6 +24,7 @@ import torch
 from asyncflow.algorithms.advantages import grpo_advantages
 from asyncflow.rewards.functions import RewardScorer
 from asyncflow.tasks.sources import prompt_row, resolve_model, reward_spec, train_source
+from asyncflow.workers.params import need_batch
 from asyncflow.workers.server import Op, Produced, WorkRequest
 
 
@@ -72,9 +73,7 @@ class RewardRole:
         return (await self._score(req))[1]
 
     async def _score(self, req: WorkRequest) -> tuple[torch.Tensor, dict[str, Any]]:
-        batch = req.batch
-        if batch is None:
-            raise ValueError("score needs a batch")
+        batch = need_batch(req.batch, "score", ["response_ids"])
         cols = await req.client.fetch(batch, ["response_ids"])
         responses = cols["response_ids"].data.split()
         texts = self.tokenizer.batch_decode(
@@ -109,9 +108,7 @@ class RewardRole:
         return await self._advantages(req, None)
 
     async def _advantages(self, req: WorkRequest, rewards: torch.Tensor | None) -> dict[str, Any]:
-        batch = req.batch
-        if batch is None:
-            raise ValueError("advantages needs a batch")
+        batch = need_batch(req.batch, "advantages", [] if rewards is not None else ["reward"])
         if rewards is None:
             cols = await req.client.fetch(batch, ["reward"])
             rewards = cols["reward"].stacked()  # (B,)

@@ -35,7 +35,16 @@ from asyncflow.tasks.sources import (
     train_source,
 )
 from asyncflow.transfer.framing import dtype_name
+from asyncflow.transfer.service import BadRequest, id_list
 from asyncflow.transfer.storage import ColumnData
+from asyncflow.workers.params import (
+    SYNC_BACKENDS,
+    int_param,
+    need_batch,
+    number_param,
+    object_param,
+    str_param,
+)
 from asyncflow.workers.server import Op, Produced, WorkRequest, log
 
 
@@ -166,14 +175,18 @@ class RolloutRole:
         return ids
 
     def _sampling(self, params: Mapping[str, Any], seed: int | None) -> SamplingConfig:
-        s = {**self.sampling, **params.get("sampling", {})}
-        return SamplingConfig(
-            max_new_tokens=int(s.get("max_new_tokens", 32)),
-            temperature=float(s.get("temperature", 1.0)),
-            top_p=float(s.get("top_p", 1.0)),
-            top_k=int(s.get("top_k", -1)),
-            seed=seed,
-        )
+        """The worker's sampling settings with ``params.sampling`` over them, checked."""
+        s = {**self.sampling, **object_param(params, "sampling", {})}
+        try:
+            return SamplingConfig(
+                max_new_tokens=int_param(s, "max_new_tokens", 32, low=1),
+                temperature=number_param(s, "temperature", 1.0, low=0),
+                top_p=number_param(s, "top_p", 1.0, positive=True, high=1),
+                top_k=int_param(s, "top_k", -1, low=None),
+                seed=seed,
+            )
+        except BadRequest as e:  # name it where the client put it
+            raise BadRequest(str(e).replace("params.", "params.sampling.", 1)) from None
 
     async def _complete(self, prompt_ids: list[int], sampling: SamplingConfig) -> Completion:
         self._req += 1
@@ -185,10 +198,17 @@ class RolloutRole:
             raise
 
     async def generate(self, req: WorkRequest) -> dict[str, Any]:
-        batch = req.batch
-        if batch is None:
-            raise ValueError("generate needs a batch")
-        base_seed = req.params.get("seed")
+        batch = need_batch(req.batch, "generate")
+        seed = req.params.get("seed")
+        base_seed = None if seed is None else int_param(req.params, "seed", low=None)
+        sampling = {
+            rid: self._sampling(req.params, None if base_seed is None else base_seed + rid)
+            for rid in batch.rows
+        }
+        steps = [m.get("step", -1) for m in batch.meta]
+        if not all(type(st) is int for st in steps):
+            bad = next(st for st in steps if type(st) is not int)
+            raise BadRequest(f"generate: batch.meta step must be an integer, got {bad!r:.40}")
         encoded: dict[Any, list[int]] = {}  # a GRPO group is n samples of one prompt
         prompts = []
         for m in batch.meta:
@@ -198,18 +218,9 @@ class RolloutRole:
                 ids = self._encode(prompt_row(self.train, m).prompt)  # validates the index
                 encoded[key] = ids
             prompts.append(ids)
-        step = min((int(m.get("step", -1)) for m in batch.meta), default=-1)
-        async with self._admission.turn(step):
+        async with self._admission.turn(min(steps)):
             outs = await asyncio.gather(
-                *(
-                    self._complete(
-                        p,
-                        self._sampling(
-                            req.params, None if base_seed is None else int(base_seed) + rid
-                        ),
-                    )
-                    for p, rid in zip(prompts, batch.rows)
-                )
+                *(self._complete(p, sampling[rid]) for p, rid in zip(prompts, batch.rows))
             )
         resp = [torch.tensor(c.token_ids, dtype=torch.int64) for c in outs]
         lps = [torch.tensor(c.logprobs, dtype=torch.float32) for c in outs]
@@ -231,18 +242,36 @@ class RolloutRole:
         }
 
     async def evaluate(self, req: WorkRequest) -> dict[str, Any]:
-        indices = req.params.get("indices")
+        p = req.params
+        indices = p.get("indices")
         if indices is None:
             indices = list(range(len(self.eval)))
-        rows = [self.eval[int(i)] for i in indices]
+        else:
+            indices = id_list(indices, "params.indices")
+            if not indices:
+                raise BadRequest("params.indices must name at least one eval row, got []")
+            if bad := [i for i in indices if i >= len(self.eval)]:
+                raise LookupError(
+                    f"params.indices names eval row {bad[0]}; the eval set {self.eval.name} "
+                    f"has {len(self.eval)} rows"
+                )
+        rows = [self.eval[i] for i in indices]
         greedy = self._sampling(
-            {"sampling": {"temperature": 0.0, **req.params.get("sampling", {})}}, None
+            {"sampling": {"temperature": 0.0, **object_param(p, "sampling", {})}}, None
         )
+        try:  # a bad reward is the request's mistake: refuse it before generating
+            spec, trusted = reward_spec(str_param(p, "reward", "builtin:arithmetic"))
+            scorer = RewardScorer(
+                spec,
+                isolate=not trusted,
+                timeout_s=number_param(p, "timeout_s", 5.0, positive=True),
+            )
+        except BadRequest:
+            raise
+        except ValueError as e:
+            raise BadRequest(f"params.reward: {e}") from None
         outs = await asyncio.gather(*(self._complete(self._encode(r.prompt), greedy) for r in rows))
-        spec, trusted = reward_spec(req.params.get("reward", "builtin:arithmetic"))
-        async with RewardScorer(
-            spec, isolate=not trusted, timeout_s=float(req.params.get("timeout_s", 5.0))
-        ) as scorer:
+        async with scorer:
             texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs]
             results = await asyncio.gather(
                 *(scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
@@ -265,22 +294,24 @@ class RolloutRole:
         from asyncflow.engines.weight_sync import WeightReceiver
 
         p = req.params
+        world_size = int_param(p, "world_size", low=2)
+        args = (
+            str_param(p, "host"),
+            int_param(p, "port", low=1, high=65535),
+            int_param(p, "rank", low=1, high=world_size - 1),
+            world_size,
+        )
+        backend = str_param(p, "backend", "gloo", choices=SYNC_BACKENDS)
+        timeout_s = number_param(p, "timeout_s", 120.0, positive=True)
         if self.receiver is not None:  # the group is being formed anew (a worker was replaced)
             self.receiver.close()
-        self.receiver = WeightReceiver(
-            str(p["host"]),
-            int(p["port"]),
-            int(p["rank"]),
-            int(p["world_size"]),
-            backend=str(p.get("backend", "gloo")),
-            timeout_s=float(p.get("timeout_s", 120.0)),
-        )
+        self.receiver = WeightReceiver(*args, backend=backend, timeout_s=timeout_s)
         await self.receiver.aconnect()
         return {"ok": True}
 
     async def sync_recv(self, req: WorkRequest) -> dict[str, Any]:
         if self.receiver is None:
-            raise ValueError("sync_recv before sync_init")
+            raise BadRequest("sync_recv before sync_init")
         t0 = time.monotonic()
         update = await self.receiver.areceive()
         t1 = time.monotonic()

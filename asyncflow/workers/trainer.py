@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,11 +43,20 @@ from asyncflow.algorithms.objectives import ADVANTAGES, PolicyObjective, ValueOb
 from asyncflow.engines.protocols import LossContext
 from asyncflow.tasks.sources import resolve_model
 from asyncflow.transfer.client import Column
+from asyncflow.transfer.service import BadRequest
 from asyncflow.workers.batches import (
     build_train_batch,
     response_values,
     rows_with_signal,
     select_rows,
+)
+from asyncflow.workers.params import (
+    SYNC_BACKENDS,
+    int_param,
+    need_batch,
+    number_param,
+    str_list_param,
+    str_param,
 )
 from asyncflow.workers.server import Op, Produced, WorkRequest
 
@@ -136,11 +146,9 @@ class TrainerRole:
             finally:
                 self.busy_s += time.monotonic() - t0
 
-    async def _batch(self, req: WorkRequest, extra: tuple[str, ...] = ()) -> Any:
-        if req.batch is None:
-            raise ValueError("this op needs a batch")
+    async def _batch(self, req: WorkRequest, op: str, extra: tuple[str, ...] = ()) -> Any:
         names = ["prompt_ids", "response_ids", *extra]
-        cols = await req.client.fetch(req.batch, names)
+        cols = await req.client.fetch(need_batch(req.batch, op, names), names)
         # a row of a per-token column is 1-D (stacked: (B, L)); a per-row scalar stacks to (B,)
         per_token = {n: cols[n] for n in extra if cols[n].ragged or cols[n].data.values.dim() > 1}
         per_row = {n: cols[n] for n in extra if n not in per_token}
@@ -148,23 +156,26 @@ class TrainerRole:
             cols["prompt_ids"], cols["response_ids"], per_token, per_row, self.pad_id
         )
 
-    def _ctx(self, params: Mapping[str, Any]) -> LossContext:
+    def _step_params(self, params: Mapping[str, Any]) -> tuple[tuple[int, int], float, int]:
+        """``(step, attempt)``, global tokens and sequences of a ``train_micro``/``finish``."""
+        key = (int_param(params, "step"), int_param(params, "attempt", 0))
+        tokens = number_param(params, "global_tokens", positive=True)
+        return key, tokens, int_param(params, "global_sequences", low=1)
+
+    def _ctx(self, global_tokens: float, global_sequences: int) -> LossContext:
         return LossContext(
-            float(params["global_tokens"]),
-            int(params["global_sequences"]),
-            self.engine.world_size,
-            self.engine.step,
+            global_tokens, global_sequences, self.engine.world_size, self.engine.step
         )
 
     async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
-        key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
-        cols = tuple(req.params.get("columns", ()))
-        batch, skipped = self._prune(await self._batch(req, cols))
+        key, tokens, sequences = self._step_params(req.params)
+        cols = tuple(str_list_param(req.params, "columns", []))
+        batch, skipped = self._prune(await self._batch(req, "train_micro", cols))
         loss_fn = self._loss_fn()
 
         def work() -> dict[str, float]:
             if self._stream_step != key:  # a new step, or a retried one: fresh gradients
-                self.engine.begin_step(self._ctx(req.params))
+                self.engine.begin_step(self._ctx(tokens, sequences))
                 self._stream_step = key
                 self._rows = [0, 0]
             trained = int(batch.input_ids.shape[0])
@@ -178,9 +189,9 @@ class TrainerRole:
         return {"metrics": await self._run(work)}
 
     async def finish(self, req: WorkRequest) -> dict[str, Any]:
-        key = (int(req.params["step"]), int(req.params.get("attempt", 0)))
+        key, tokens, sequences = self._step_params(req.params)
         if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
-            self.engine.begin_step(self._ctx(req.params))
+            self.engine.begin_step(self._ctx(tokens, sequences))
             self._rows = [0, 0]
         self._stream_step = None
         async with self._weights_lock:
@@ -201,12 +212,14 @@ class TrainerRole:
         raise NotImplementedError
 
     async def save(self, req: WorkRequest) -> dict[str, Any]:
-        path = str(req.params["path"])
+        path = str_param(req.params, "path")
         await self._run(self.engine.save, path)
         return {"ok": True, "version": self.engine.step}
 
     async def load(self, req: WorkRequest) -> dict[str, Any]:
-        path = str(req.params["path"])
+        path = str_param(req.params, "path")
+        if not Path(path).is_dir():  # noqa: ASYNC240 - one stat, before a long load
+            raise BadRequest(f"params.path: no checkpoint folder at {path!r}", 404)
         async with self._weights_lock:
             await self._run(self.engine.load, path)
         return {"ok": True, "version": self.engine.step}
@@ -255,22 +268,25 @@ class ActorRole(TrainerRole):
         from asyncflow.engines.weight_sync import WeightSender
 
         p = req.params
+        args = (
+            str_param(p, "host"),
+            int_param(p, "port", low=1, high=65535),
+            int_param(p, "world_size", low=1),
+        )
+        backend = str_param(p, "backend", "gloo", choices=SYNC_BACKENDS)
+        bucket_mb = int_param(p, "bucket_mb", 128, low=1)
+        timeout_s = number_param(p, "timeout_s", 120.0, positive=True)
         if self.sender is not None:  # the group is being formed anew (a worker was replaced)
             self.sender.close()
         self.sender = WeightSender(
-            str(p["host"]),
-            int(p["port"]),
-            int(p["world_size"]),
-            backend=str(p.get("backend", "gloo")),
-            bucket_bytes=int(p.get("bucket_mb", 128)) << 20,
-            timeout_s=float(p.get("timeout_s", 120.0)),
+            *args, backend=backend, bucket_bytes=bucket_mb << 20, timeout_s=timeout_s
         )
         await self.sender.aconnect()
         return {"ok": True}
 
     async def sync_send(self, req: WorkRequest) -> dict[str, Any]:
         if self.sender is None:
-            raise ValueError("sync_send before sync_init")
+            raise BadRequest("sync_send before sync_init")
         # Not under the compute lock: the send mostly waits for the rollout engines to reach a
         # step boundary, and the next step's forward/backward (which only reads the weights)
         # runs meanwhile; the optimizer step waits for the weights lock.
@@ -289,8 +305,8 @@ class ReferenceRole(TrainerRole):
         return {"ref_logprobs": self.ref_logprobs}
 
     async def ref_logprobs(self, req: WorkRequest) -> dict[str, Any]:
-        assert req.batch is not None
-        batch = await self._batch(req)
+        batch = await self._batch(req, "ref_logprobs")
+        assert req.batch is not None  # checked by _batch
         out = await self._run(self.engine.logprobs, batch)
         rows = response_values(batch, out["logprobs"])
         shapes = req.unit.put("ref_logprobs", req.batch.rows, rows)
@@ -321,16 +337,17 @@ class CriticRole(TrainerRole):
         return self.objective
 
     async def values(self, req: WorkRequest) -> dict[str, Any]:
-        assert req.batch is not None
-        batch = await self._batch(req)
+        batch = await self._batch(req, "values")
+        assert req.batch is not None  # checked by _batch
         vals = await self._run(self.engine.values, batch)
         rows = response_values(batch, vals)
         shapes = req.unit.put("values", req.batch.rows, rows)
         return {"produced": {"values": Produced([list(s) for s in shapes], "float32").to_json()}}
 
     async def gae(self, req: WorkRequest) -> dict[str, Any]:
-        assert req.batch is not None
-        cols = await req.client.fetch(req.batch, ["response_ids", "reward", "values"])
+        names = ["response_ids", "reward", "values"]
+        meta = need_batch(req.batch, "gae", names)
+        cols = await req.client.fetch(meta, names)
         lengths = cols["response_ids"].lengths()  # (B,)
         values = Column(cols["values"].data).padded()  # (B, R)
         if values.dim() == 1:
@@ -344,8 +361,8 @@ class CriticRole(TrainerRole):
             adv = masked_whiten(adv, mask)
         adv_rows = [adv[i, : int(n)].contiguous() for i, n in enumerate(lengths)]
         ret_rows = [ret[i, : int(n)].contiguous() for i, n in enumerate(lengths)]
-        sa = req.unit.put("advantages", req.batch.rows, adv_rows)
-        sr = req.unit.put("returns", req.batch.rows, ret_rows)
+        sa = req.unit.put("advantages", meta.rows, adv_rows)
+        sr = req.unit.put("returns", meta.rows, ret_rows)
         return {
             "produced": {
                 "advantages": Produced([list(s) for s in sa], "float32").to_json(),

@@ -4,6 +4,10 @@ One ``storage`` worker is started with a small ``--max-body`` and seeded with a 
 case sends one bad request and checks the status, that the answer is ``{"error": ...}`` naming
 the problem, that exactly one refusal of the expected kind was counted on ``/v1/info``, and that
 the unit's stats did not move. Nothing received is ever unpickled.
+
+The ops of the ``actor``, ``rollout`` and ``reward`` roles (tiny model, CPU, started only for
+their cases) get malformed ``params`` and batches the same way: refused with a 4xx naming the
+parameter, counted, and the role's state (policy version, requests) unchanged.
 """
 
 from __future__ import annotations
@@ -78,15 +82,27 @@ class Worker:
         out: dict[str, Any] = self.json("GET", "/v1/storage/stats")
         return out
 
+    def state(self) -> dict[str, Any]:
+        """What the role reports on ``/v1/info`` (policy version, requests, ...), less clocks
+        and counters."""
+        info = self.json("GET", "/v1/info")
+        return {k: v for k, v in info.items() if k not in VOLATILE_INFO}
 
-def start_worker(log: Path, max_body: int) -> Worker:
-    """``python -m asyncflow.workers --role storage`` with ``--max-body`` (spawn_worker has no
-    such option), waiting for its ready line."""
+
+VOLATILE_INFO = {"counters", "uptime_s", "busy_s", "compute_s"}
+
+
+def start_worker(
+    log: Path, max_body: int, role: str = "storage", settings: dict[str, Any] | None = None
+) -> Worker:
+    """``python -m asyncflow.workers --role ROLE`` with ``--max-body`` (spawn_worker has no
+    such option), waiting for its ready line. It runs in the log's folder: a relative path that
+    a request slips through lands there, not in the checkout."""
     env = {**os.environ, "ASYNCFLOW_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "asyncflow.workers", "--role", "storage", "--name", "bad-input"]
-    cmd += ["--max-body", str(max_body)]
+    cmd = [sys.executable, "-m", "asyncflow.workers", "--role", role, "--name", f"bad-{role}"]
+    cmd += ["--max-body", str(max_body), "--settings", json.dumps(settings or {})]
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=log.parent)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     line = proc.stdout.readline() if ready else b""
@@ -128,6 +144,44 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     finally:
         code = stop_worker(w)
     assert code == 0, w.log.read_text()[-2000:]
+
+
+#: the tiny model on CPU, one thread: these workers only have to refuse
+ROLE_SETTINGS: dict[str, dict[str, Any]] = {
+    "actor": {"threads": 1},
+    "rollout": {
+        "engine": "transformers",
+        "data": {"train_size": 8},
+        "eval": {"size": 4},
+        "sampling": {"max_new_tokens": 2},
+    },
+    "reward": {"data": {"train_size": 8}},
+}
+
+
+def role_worker(tmp_path_factory: pytest.TempPathFactory, role: str) -> Iterator[Worker]:
+    log = tmp_path_factory.mktemp(role) / "worker.log"
+    w = start_worker(log, MAX_BODY, role, ROLE_SETTINGS[role])
+    try:
+        yield w
+    finally:
+        code = stop_worker(w)
+    assert code == 0, w.log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    yield from role_worker(tmp_path_factory, "actor")
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    yield from role_worker(tmp_path_factory, "rollout")
+
+
+@pytest.fixture(scope="module")
+def reward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    yield from role_worker(tmp_path_factory, "reward")
 
 
 def frame(header: Any, data: bytes = b"", *, hlen: int | None = None) -> bytes:
@@ -172,6 +226,7 @@ class Case:
     message: str  # must appear in the {"error": ...} text
     headers: dict[str, str] = field(default_factory=dict)
     chunked: bool = False
+    worker: str = "worker"  # the fixture of the worker it goes to
 
 
 def js(value: Any) -> bytes:
@@ -193,6 +248,21 @@ def batch(**change: Any) -> bytes:
 
 def ragged(values: torch.Tensor, lengths: torch.Tensor, rows: list[int]) -> bytes:
     return encode_bytes({"r.values": values, "r.lengths": lengths}, {"rows": rows})
+
+
+STEP = {"step": 0, "attempt": 0, "global_tokens": 8, "global_sequences": 2}
+#: a batch the rollout could generate for (dataset rows 0 and 1), if its params were right
+GEN_BATCH = {**VALID_BATCH, "meta": [{"index": 0}, {"index": 1}], "fields": {}}
+EMPTY_BATCH = {"task": "t", "rows": [], "groups": [], "meta": [], "fields": {}}
+#: sync_init params that would reach for a rendezvous (within a second) if they were accepted
+SYNC = {"host": "127.0.0.1", "port": 9, "world_size": 2, "timeout_s": 1}
+
+
+def op(case_id: str, status: int, message: str, **body: Any) -> Case:
+    """A case for a role's op, ``case_id`` being ``ROLE-OP-what``: ``POST /v1/work/OP`` with
+    ``body`` to the ROLE worker."""
+    role, name, _ = case_id.split("-", 2)
+    return Case(case_id, "POST", f"/v1/work/{name}", js(body), status, message, worker=role)
 
 
 CASES = [
@@ -383,6 +453,98 @@ CASES = [
     Case("work-params-list", "POST", "/v1/work/unknown", js({"params": [1]}), 400,
          '"params" must be an object'),
     Case("work-oversized", "POST", "/v1/work/unknown", b" " * (MAX_BODY + 1), 413, "too large"),
+    # ---- work: the roles' ops check their params and batch first ("role-op-what" ids)
+    op("actor-finish-step-string", 400, "params.step must be an integer >= 0, got 'abc'",
+       params={**STEP, "step": "abc"}),
+    op("actor-finish-step-bool", 400, "params.step must be an integer >= 0, got True",
+       params={**STEP, "step": True}),
+    op("actor-finish-no-params", 400, "params.step is required", params={}),
+    op("actor-finish-negative-attempt", 400, "params.attempt must be an integer >= 0, got -1",
+       params={**STEP, "attempt": -1}),
+    op("actor-finish-zero-tokens", 400,
+       "params.global_tokens must be a finite number > 0, got 0",
+       params={**STEP, "global_tokens": 0}),
+    op("actor-finish-string-sequences", 400,
+       "params.global_sequences must be an integer >= 1, got '2'",
+       params={**STEP, "global_sequences": "2"}),
+    op("actor-train_micro-float-step", 400, "params.step must be an integer >= 0, got 1.5",
+       params={**STEP, "step": 1.5}, batch=VALID_BATCH),
+    op("actor-train_micro-no-batch", 400, "train_micro needs a batch", params=STEP),
+    op("actor-train_micro-empty-batch", 400, "train_micro needs a batch of at least one row",
+       params=STEP, batch=EMPTY_BATCH),
+    op("actor-train_micro-missing-column", 400, "the batch has no column 'prompt_ids'",
+       params=STEP, batch=VALID_BATCH),
+    op("actor-train_micro-columns-string", 400,
+       "params.columns must be a list of non-empty strings",
+       params={**STEP, "columns": "advantages"}, batch=VALID_BATCH),
+    op("actor-save-no-path", 400, "params.path is required (a non-empty string)", params={}),
+    op("actor-save-empty-path", 400, "params.path must be a non-empty string, got ''",
+       params={"path": ""}),
+    op("actor-load-path-list", 400, "params.path must be a non-empty string, got [1]",
+       params={"path": [1]}),
+    op("actor-load-no-folder", 404, "params.path: no checkpoint folder at '/nonexistent/ckpt'",
+       params={"path": "/nonexistent/ckpt"}),
+    op("actor-sync_init-port-string", 400,
+       "params.port must be an integer in [1, 65535], got 'x'", params={**SYNC, "port": "x"}),
+    op("actor-sync_init-no-host", 400, "params.host is required", params={"port": 9}),
+    op("actor-sync_init-backend", 400,
+       "params.backend must be one of ['gloo', 'nccl'], got 'mpi'",
+       params={**SYNC, "backend": "mpi"}),
+    op("actor-sync_init-negative-timeout", 400,
+       "params.timeout_s must be a finite number > 0, got -1", params={**SYNC, "timeout_s": -1}),
+    op("actor-sync_send-before-init", 400, "sync_send before sync_init"),
+    op("rollout-generate-no-batch", 400, "generate needs a batch"),
+    op("rollout-generate-empty-batch", 400, "generate needs a batch of at least one row",
+       batch=EMPTY_BATCH),
+    op("rollout-generate-seed-string", 400, "params.seed must be an integer, got 'abc'",
+       params={"seed": "abc"}, batch=GEN_BATCH),
+    op("rollout-generate-step-string", 400, "batch.meta step must be an integer, got 'x'",
+       batch={**GEN_BATCH, "meta": [{"index": 0, "step": "x"}, {"index": 1}]}),
+    op("rollout-generate-sampling-list", 400, "params.sampling must be an object, got [1]",
+       params={"sampling": [1]}, batch=GEN_BATCH),
+    op("rollout-generate-negative-temperature", 400,
+       "params.sampling.temperature must be a finite number >= 0, got -1",
+       params={"sampling": {"temperature": -1}}, batch=GEN_BATCH),
+    op("rollout-generate-zero-tokens", 400,
+       "params.sampling.max_new_tokens must be an integer >= 1, got 0",
+       params={"sampling": {"max_new_tokens": 0}}, batch=GEN_BATCH),
+    op("rollout-generate-top-p", 400, "params.sampling.top_p must be a finite number > 0",
+       params={"sampling": {"top_p": 2}}, batch=GEN_BATCH),
+    op("rollout-generate-unknown-index", 404, "dataset index 99",
+       batch={**GEN_BATCH, "meta": [{"index": 0}, {"index": 99}]}),
+    op("rollout-evaluate-negative-index", 400,
+       "params.indices must be integers in [0, 2**63), got -1", params={"indices": [-1]}),
+    op("rollout-evaluate-string-index", 400,
+       "params.indices must be integers in [0, 2**63), got '0'", params={"indices": ["0"]}),
+    op("rollout-evaluate-indices-int", 400, "params.indices must be a list of integers",
+       params={"indices": 0}),
+    op("rollout-evaluate-no-indices", 400, "params.indices must name at least one eval row",
+       params={"indices": []}),
+    op("rollout-evaluate-index-past-end", 404,
+       "params.indices names eval row 4; the eval set", params={"indices": [0, 4]}),
+    op("rollout-evaluate-unknown-builtin", 400,
+       "params.reward: unknown built-in reward 'builtin:nope'",
+       params={"indices": [0], "reward": "builtin:nope"}),
+    op("rollout-evaluate-unknown-module", 400,
+       "params.reward: reward function 'no_such_mod_xyz:f'",
+       params={"indices": [0], "reward": "no_such_mod_xyz:f"}),
+    op("rollout-evaluate-zero-timeout", 400,
+       "params.timeout_s must be a finite number > 0, got 0",
+       params={"indices": [0], "timeout_s": 0}),
+    op("rollout-evaluate-top-k-string", 400, "params.sampling.top_k must be an integer, got 'x'",
+       params={"indices": [0], "sampling": {"top_k": "x"}}),
+    op("rollout-sync_init-rank-too-big", 400, "params.rank must be an integer in [1, 1], got 2",
+       params={**SYNC, "rank": 2}),
+    op("rollout-sync_init-world-of-one", 400,
+       "params.world_size must be an integer >= 2, got 1",
+       params={**SYNC, "world_size": 1, "rank": 1}),
+    op("rollout-sync_recv-before-init", 400, "sync_recv before sync_init"),
+    op("reward-score-no-batch", 400, "score needs a batch"),
+    op("reward-score_groups-empty-batch", 400, "score needs a batch of at least one row",
+       batch=EMPTY_BATCH),
+    op("reward-score-missing-column", 400, "the batch has no column 'response_ids'",
+       batch=VALID_BATCH),
+    op("reward-advantages-no-batch", 400, "advantages needs a batch"),
     # ---- routes and methods
     Case("unknown-path", "GET", "/v1/nope", None, 404, "Not Found"),
     Case("unknown-path-post", "POST", "/v1/storage/nope", b"{}", 404, "Not Found"),
@@ -396,7 +558,7 @@ KINDS[415] = "unsupported_encoding"
 
 
 def check_refusal(w: Worker, case: Case, headers: dict[str, str], kind: str) -> dict[str, Any]:
-    before_stats, before = w.stats(), w.counters()
+    before_stats, before_state, before = w.stats(), w.state(), w.counters()
     status, resp_headers, body = w.request(
         case.method, case.path, case.body, headers, chunked=case.chunked
     )
@@ -409,12 +571,16 @@ def check_refusal(w: Worker, case: Case, headers: dict[str, str], kind: str) -> 
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after.keys() | before.keys()}
     assert {k: v for k, v in delta.items() if v} == {kind: 1}, (case.id, before, after)
     assert w.stats() == before_stats, case.id
+    assert w.state() == before_state, case.id
     return answer
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_request_is_refused_counted_and_changes_nothing(worker: Worker, case: Case) -> None:
-    check_refusal(worker, case, {**AUTH, **case.headers}, KINDS[case.status])
+def test_bad_request_is_refused_counted_and_changes_nothing(
+    request: pytest.FixtureRequest, case: Case
+) -> None:
+    w: Worker = request.getfixturevalue(case.worker)
+    check_refusal(w, case, {**AUTH, **case.headers}, KINDS[case.status])
 
 
 ENDPOINTS = [
@@ -531,3 +697,14 @@ def test_worker_still_serves_the_seed_after_every_refusal(worker: Worker) -> Non
     assert counters.get("errors", 0) == 0, worker.log.read_text()[-3000:]
     assert set(counters) <= {*KINDS.values(), "unauthorized"}, counters
     assert worker.proc.poll() is None
+
+
+def test_roles_still_work_after_every_refusal(actor: Worker, rollout: Worker) -> None:
+    """Runs after the cases: no refusal was a 500, and the roles still answer good requests."""
+    out = rollout.json("POST", "/v1/work/evaluate", {"params": {"indices": [0, 3]}})
+    assert out["metrics"]["n"] == 2
+    assert actor.state()["policy_version"] == 0
+    for w in (actor, rollout):
+        counters = w.counters()
+        assert counters.get("errors", 0) == 0, w.log.read_text()[-3000:]
+        assert set(counters) <= {*KINDS.values(), "unauthorized"}, counters
