@@ -625,7 +625,8 @@ class Controller:
             "version": version,
             "loader": p.loader.state(),
             "admitted_steps": p.admitted_steps,
-            "index": self.index.snapshot(),
+            # this step's rows are acknowledged right after this commit: saved as released
+            "index": self.index.snapshot(done=[int(r["row"]) for r in records]),
             "samples_before": p.log.samples_written,
             "samples_step": records,
             "path": str(path),

@@ -461,13 +461,18 @@ class SampleIndex:
         return {u: len(r) for u, r in self._unit_rows.items()}
 
     # ------------------------------------------------------------------ snapshot
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, done: Iterable[int] = ()) -> dict[str, Any]:
         """The whole state as JSON-able data. Leases are saved as not consumed (a restored run's
-        consumers are new), so leased rows are handed out again after :meth:`restore`."""
+        consumers are new), so leased rows are handed out again after :meth:`restore`.
+
+        ``done``: rows to save as released although they are not yet -- a step's checkpoint
+        is taken just before its rows are acknowledged, and a restored run must not generate
+        them again."""
+        gone = {int(r) for r in done if int(r) in self._rows}
         return {
             "next_row": self._next_row,
             "next_group": self._next_group,
-            "released_rows": self.released_rows,
+            "released_rows": self.released_rows + len(gone),
             "tasks": [
                 {
                     "name": t.name,
@@ -476,11 +481,15 @@ class SampleIndex:
                     "groups": t.groups,
                     "policy": t.policy,
                     "partition": t.partition,
-                    "consumed": sorted(t.consumed),
+                    "consumed": sorted(t.consumed - gone),
                 }
                 for t in self._tasks.values()
             ],
-            "groups": {str(g): grp.rows for g, grp in self._groups.items()},
+            "groups": {
+                str(g): grp.rows
+                for g, grp in self._groups.items()
+                if any(r in self._rows and r not in gone for r in grp.rows)
+            },
             "rows": {
                 str(rid): {
                     "group": row.group,
@@ -491,6 +500,7 @@ class SampleIndex:
                     },
                 }
                 for rid, row in self._rows.items()
+                if rid not in gone
             },
         }
 

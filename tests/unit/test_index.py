@@ -222,6 +222,32 @@ async def test_snapshot_restore_round_trip_and_leases_come_back() -> None:
     assert idx2.row_fields(b.rows[1])["response"].shape == (4,)
 
 
+async def test_rows_snapshotted_as_done_are_not_handed_out_after_restore() -> None:
+    """A step's checkpoint is taken just before its rows are acknowledged: saved as done, they
+    are neither generated again nor kept forever by the restored run."""
+    import json
+
+    idx = grpo_index()
+    first, second = admit(idx, 2, 2)
+    for _ in range(2):
+        b = await idx.get_batch("rollout", 1)
+        idx.complete("rollout", b.rows, {"response": ("u1", [[3], [4]], "int64", 0)})
+    while (b := idx.try_get_batch("reward", 4)) is not None:
+        idx.complete("reward", b.rows, {"reward": ("u2", [[]] * len(b.rows), "float32", -1)})
+    trained = await idx.get_batch("train", 1)  # the step being committed
+    assert trained.rows == first
+    snap = json.loads(json.dumps(idx.snapshot(done=trained.rows)))
+    idx2 = SampleIndex.restore(snap)
+    for unit in list(idx2.resident_units()):
+        if unit != "dataset":
+            idx2.mark_unit_lost(unit)  # a resumed run's workers are new: recompute
+    assert not any(r in idx2 for r in first)
+    assert idx2.released_rows == idx.released_rows + 2
+    again = idx2.try_get_batch("rollout", 2, at_least=1)
+    assert again is not None and again.rows == second  # only the untrained group comes back
+    assert idx2.try_get_batch("rollout", 1) is None
+
+
 def test_register_errors_are_clear() -> None:
     idx = SampleIndex()
     idx.register_task("a", ["x"], ["y"])
