@@ -25,7 +25,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -380,6 +380,8 @@ class Controller:
             )
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
+            # best effort: a dead worker's rows died with it (its unit is marked lost)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _init_sync(self) -> None:
         rollouts = self.workers["rollout"]
@@ -467,7 +469,7 @@ class Controller:
                     jobs.append(p.train_step(step, "critic", "critic_train", ["values", "returns"]))
                 # the previous step's sync fails this one at once: at k = 0 the step cannot even
                 # be admitted before that sync, so waiting for its training would wait forever
-                outs = await _first_failure(asyncio.gather(*jobs), pending)
+                outs = await _first_failure(_all_or_none(jobs), pending)
                 if pending is not None:
                     await pending
                     pending = None
@@ -765,6 +767,20 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 
 T = TypeVar("T")
+
+
+async def _all_or_none(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Like ``gather``, but the first failure cancels the others (PPO's actor and critic steps:
+    one failing must not leave the other running unowned) and is raised as itself."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [t.result() for t in tasks]
 
 
 async def _first_failure(main: Awaitable[T], side: asyncio.Task[Any] | None) -> T:

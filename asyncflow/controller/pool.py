@@ -217,16 +217,20 @@ async def attach_worker(
     waiting up to ``wait_s`` for it to come up; a wrong token or role fails at once."""
     h = WorkerHandle(name, role, url.rstrip("/"), "", token)
     deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
-        try:
-            info = await h.get("/v1/info", timeout=30.0)
-            break
-        except WorkerError as e:
-            if e.status is not None or asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(1.0)  # not listening yet
-    if info.get("role") != role:
-        raise WorkerError(name, f"{url} runs role {info.get('role')!r}, expected {role!r}")
+    try:
+        while True:
+            try:
+                info = await h.get("/v1/info", timeout=30.0)
+                break
+            except WorkerError as e:
+                if e.status is not None or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(1.0)  # not listening yet
+        if info.get("role") != role:
+            raise WorkerError(name, f"{url} runs role {info.get('role')!r}, expected {role!r}")
+    except BaseException:
+        await h.stop()  # closes its HTTP session (an attached worker itself is not stopped)
+        raise
     h.unit = str(info["unit"])
     h.info = info
     return h

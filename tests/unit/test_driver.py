@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from asyncflow.config import load_config
-from asyncflow.controller.controller import Controller, _first_failure
+from asyncflow.controller.controller import Controller, _all_or_none, _first_failure
 from asyncflow.controller.metrics import RunLog
 from asyncflow.controller.progress import Progress
 
@@ -130,3 +130,29 @@ async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path
         ("load", {"path": str((cfg.run_dir / "checkpoints" / "step_000004").resolve())})
     ]
     assert pipe.loader.position == 32 and pipe.version == 4 and pipe.admitted_steps == 5
+
+
+async def test_ppo_steps_fail_together() -> None:
+    """The actor's step failing cancels the critic's (no orphan task) and raises as itself."""
+    cancelled = asyncio.Event()
+
+    async def actor() -> int:
+        await asyncio.sleep(0.01)
+        raise ConnectionError("actor0 died")
+
+    async def critic() -> int:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return 0
+
+    with pytest.raises(ConnectionError, match="actor0 died"):
+        await _all_or_none([actor(), critic()])
+    assert cancelled.is_set()
+
+    async def value(v: int) -> int:
+        await asyncio.sleep(0.01 * v)
+        return v
+
+    assert await _all_or_none([value(2), value(1)]) == [2, 1]
