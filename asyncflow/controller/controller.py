@@ -41,7 +41,7 @@ from asyncflow.controller.metrics import (
     recorded_steps,
     recovered_step_record,
 )
-from asyncflow.controller.pool import WorkerHandle, attach_worker, spawn_worker
+from asyncflow.controller.pool import WorkerError, WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
 from asyncflow.controller.settings import role_settings
 from asyncflow.controller.stages import (
@@ -596,11 +596,21 @@ class Controller:
         p = self.pipeline
         assert p is not None
         t0 = time.monotonic()
-        out = await p.call(
-            self.workers["rollout"][0],
-            "evaluate",
-            params={"reward": self.cfg.reward.function, "timeout_s": self.cfg.reward.timeout_s},
-        )
+        params = {"reward": self.cfg.reward.function, "timeout_s": self.cfg.reward.timeout_s}
+        failures = 0
+        while True:
+            # the current rollout worker of slot 0: a dead one is replaced by the supervisor
+            # (and given the current weights) before the evaluation is tried again
+            worker = p.handle("rollout", 0)
+            await p.wait_ready(worker)
+            try:
+                out = await p.call(worker, "evaluate", params=params)
+                break
+            except WorkerError as e:
+                if e.status is not None:
+                    raise  # the worker answered with an error: trying again would repeat it
+                failures = p.note_failure(f"evaluation at step {step}", e, failures)
+                await asyncio.sleep(min(0.05 * 2**failures, 2.0))
         m = out["metrics"]
         rec = {
             "event": "eval",

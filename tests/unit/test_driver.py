@@ -156,3 +156,53 @@ async def test_ppo_steps_fail_together() -> None:
         return v
 
     assert await _all_or_none([value(2), value(1)]) == [2, 1]
+
+
+class DyingOnceRollout:
+    """The rollout worker's handle: its first evaluation is cut off (it died), the second
+    (its replacement) answers."""
+
+    name = "rollout0"
+    unit = "rollout0"
+    url = "http://rollout0"
+
+    def __init__(self, status: int | None) -> None:
+        self.calls = 0
+        self.status = status
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        from asyncflow.controller.pool import WorkerError
+
+        assert path == "/v1/work/evaluate"
+        self.calls += 1
+        if self.calls == 1:
+            raise WorkerError("rollout0", "connection reset", self.status)
+        m = {"accuracy": 0.5, "mean_reward": 0.5, "n": 8, "version": 3}
+        return {"metrics": m}
+
+
+@pytest.mark.parametrize("status", [None, 500])
+async def test_an_evaluation_cut_off_by_a_dying_worker_is_tried_again(
+    tmp_path: Path, status: int | None
+) -> None:
+    """A lost connection (the worker died; the supervisor replaces it) is retried; an error the
+    worker answered with is not (it would only repeat)."""
+    from asyncflow.controller.pool import WorkerError
+    from asyncflow.controller.stages import Pipeline
+    from asyncflow.transfer.index import SampleIndex
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    controller = Controller(cfg)
+    log = RunLog(tmp_path / "run")
+    rollout = DyingOnceRollout(status)
+    controller.pipeline = Pipeline(cfg, SampleIndex(), {"rollout": [rollout]}, None, log)  # type: ignore[arg-type,dict-item]
+    try:
+        if status is None:
+            out = await controller._evaluate(3, log)
+            assert out["eval_accuracy"] == 0.5 and rollout.calls == 2
+        else:
+            with pytest.raises(WorkerError):
+                await controller._evaluate(3, log)
+            assert rollout.calls == 1
+    finally:
+        log.close()
