@@ -51,6 +51,32 @@ def train_source(data: dict[str, Any], seed: int, model_dir: str | None = None) 
     src = data.get("source", "builtin:arithmetic")
     if src == "builtin:arithmetic":
         return load_builtin("train", int(data.get("train_size", 20_000)), seed)
+    return _load_file(src, data, model_dir)
+
+
+def eval_source(
+    data: dict[str, Any], eval_cfg: dict[str, Any], seed: int, model_dir: str | None = None
+) -> PromptSource:
+    """Held-out prompts: the first ``eval.size`` rows of an eval file (all, if it has fewer),
+    or ``eval.size`` problems of the built-in task's disjoint eval split.
+
+    An eval file's rows get the training rows' rules (:func:`train_source`: the ``data``
+    section's fields, character limit, ``on_bad_row``, and with the model folder its token
+    limit): a bad row is skipped and recorded in ``skipped``, or an error."""
+    size = int(eval_cfg.get("size", 256))
+    src = eval_cfg.get("source")
+    if src:
+        source = _load_file(src, data, model_dir)
+        if len(source) <= size:
+            return source
+        return PromptSource(source.rows[:size], source.name, source.skipped)
+    if data.get("source", "builtin:arithmetic") != "builtin:arithmetic":
+        raise ValueError("eval.source is required when data.source is not the built-in task")
+    return load_builtin("eval", size, seed)
+
+
+def _load_file(path: str, data: dict[str, Any], model_dir: str | None) -> PromptSource:
+    """A prompt file, its rows checked by the ``data`` section's rules."""
     limit = data.get("max_prompt_tokens")
     count = None
     if limit and model_dir is not None:
@@ -59,7 +85,7 @@ def train_source(data: dict[str, Any], seed: int, model_dir: str | None = None) 
         tok = AutoTokenizer.from_pretrained(model_dir)
         count = lambda text: len(tok.encode(text))  # noqa: E731
     return load_prompts(
-        src,
+        path,
         data.get("on_bad_row", "skip"),
         prompt_field=data.get("prompt_field", "prompt"),
         answer_field=data.get("answer_field", "answer"),
@@ -67,21 +93,6 @@ def train_source(data: dict[str, Any], seed: int, model_dir: str | None = None) 
         max_prompt_tokens=int(limit) if count and limit else None,
         count_tokens=count,
     )
-
-
-def eval_source(data: dict[str, Any], eval_cfg: dict[str, Any], seed: int) -> PromptSource:
-    """Held-out prompts: an eval file, or the built-in task's disjoint eval split."""
-    src = eval_cfg.get("source")
-    if src:
-        return load_prompts(
-            src,
-            "skip",
-            prompt_field=data.get("prompt_field", "prompt"),
-            answer_field=data.get("answer_field", "answer"),
-        )
-    if data.get("source", "builtin:arithmetic") != "builtin:arithmetic":
-        raise ValueError("eval.source is required when data.source is not the built-in task")
-    return load_builtin("eval", int(eval_cfg.get("size", 256)), seed)
 
 
 def prompt_row(source: PromptSource, meta: dict[str, Any]) -> PromptRow:

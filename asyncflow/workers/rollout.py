@@ -128,7 +128,15 @@ class RolloutRole:
         self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
         seed = int(self.settings.get("seed", 0))
         self.train = train_source(self.settings.get("data", {}), seed, self.model_dir)
-        self.eval = eval_source(self.settings.get("data", {}), self.settings.get("eval", {}), seed)
+        self.eval = eval_source(
+            self.settings.get("data", {}), self.settings.get("eval", {}), seed, self.model_dir
+        )
+        if self.eval.skipped:  # the training set's bad rows are reported by the controller
+            line, why = self.eval.skipped[0]
+            log(
+                f"eval set {self.eval.name}: skipped {len(self.eval.skipped)} bad rows "
+                f"(first: line {line}: {why}); evaluating {len(self.eval)}"
+            )
         self.sampling = self.settings.get("sampling", {})
         self.engine = make_engine(self.settings, self.model_dir)
         self.tokenizer: Any = None
@@ -282,6 +290,7 @@ class RolloutRole:
                 "accuracy": sum(s > 0 for s in scores) / max(len(scores), 1),
                 "mean_reward": sum(scores) / max(len(scores), 1),
                 "n": len(scores),
+                "skipped_rows": len(self.eval.skipped),  # bad rows left out of the eval set
                 "version": min(
                     (c.policy_version for c in outs), default=self.engine.policy_version
                 ),

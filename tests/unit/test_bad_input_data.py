@@ -3,6 +3,7 @@ exact counts of what was skipped. (The basic cases live in test_config.py / test
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from asyncflow.config import ConfigError, load_config
 from asyncflow.tasks.datasets import DatasetError, PromptRow, load_jsonl, load_prompts
+from asyncflow.tasks.sources import eval_source, resolve_model, train_source
 
 
 def config_file(tmp_path: Path, text: str | bytes) -> Path:
@@ -281,3 +283,73 @@ def test_nan_answer_is_a_bad_row(tmp_path: Path) -> None:
 def test_duplicate_keys_in_a_file_are_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="actor"):
         load_config(config_file(tmp_path, "actor:\n  lr: 0.1\nactor:\n  lr: 0.2\n"))
+
+
+# ---------------------------------------------------------------------------- the eval set
+
+
+def test_eval_file_skips_the_rows_training_skips(tmp_path: Path) -> None:
+    """The eval set gets the training rows' rules (fields, character and token limits): an
+    eval prompt too long for the engine is skipped and counted, not sent to fail the run."""
+    model_dir = str(resolve_model("builtin:tiny-adder"))
+    rows = [
+        {"q": "1+2=", "a": "3"},  # 1
+        {"q": "1+2=" * 20, "a": "1"},  # 2 too many tokens (few characters)
+        {"prompt": "2+2=", "a": "4"},  # 3 not the configured field
+        {"q": "x" * 300, "a": "1"},  # 4 too many characters
+        {"q": "3+4=", "a": 7},  # 5
+    ]
+    path = dataset(tmp_path, [json.dumps(r) for r in rows])
+    data = {
+        "source": str(path),
+        "prompt_field": "q",
+        "answer_field": "a",
+        "max_prompt_chars": 200,
+        "max_prompt_tokens": 16,
+    }
+    train = train_source(data, 0, model_dir)
+    evals = eval_source(data, {"source": str(path), "size": 256}, 0, model_dir)
+    assert [(r.prompt, r.answer, r.index) for r in evals] == [("1+2=", "3", 0), ("3+4=", "7", 1)]
+    assert evals.skipped == train.skipped
+    assert [line for line, _ in evals.skipped] == [2, 3, 4]
+    reasons = dict(evals.skipped)
+    assert "tokens > max_prompt_tokens=16" in reasons[2]
+    assert "missing field 'q'" in reasons[3]
+    assert "300 characters > max_prompt_chars=200" in reasons[4]
+    with pytest.raises(DatasetError, match=r":2: prompt too long: \d+ tokens"):
+        eval_source({**data, "on_bad_row": "error"}, {"source": str(path)}, 0, model_dir)
+
+
+def test_eval_size_takes_the_first_rows_of_a_file_as_of_the_builtin_split(tmp_path: Path) -> None:
+    path = dataset(tmp_path, [f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}' for i in range(5)])
+    first = eval_source({}, {"source": str(path), "size": 2}, 0)
+    assert [(r.prompt, r.index) for r in first] == [("0+1=", 0), ("1+1=", 1)]
+    assert len(eval_source({}, {"source": str(path), "size": 10}, 0)) == 5  # all, if fewer
+    builtin = eval_source({}, {"size": 7}, 0)
+    assert len(builtin) == 7
+
+
+def test_rollout_worker_evaluates_only_prompts_that_fit_the_engine(tmp_path: Path) -> None:
+    """With the settings the controller derives: an eval prompt of ``max_model_len`` tokens or
+    more (vLLM refuses it, ending the run at its first evaluation) is left out and counted."""
+    from asyncflow.controller.settings import role_settings
+    from asyncflow.workers.rollout import RolloutRole
+
+    train = dataset(tmp_path, ['{"prompt": "1+2=", "answer": "3"}'], "train.jsonl")
+    rows = ['{"prompt": "2+2=", "answer": "4"}', json.dumps({"prompt": "9+" * 40, "answer": "1"})]
+    evals = dataset(tmp_path, [*rows, '{"prompt": "3+3=", "answer": "6"}'], "eval.jsonl")
+    cfg = load_config(
+        None,
+        [
+            f"data.source={train}",
+            f"eval.source={evals}",
+            "eval.size=5",
+            "model.max_model_len=64",
+            "rollout.max_new_tokens=16",
+            "rollout.engine=transformers",
+        ],
+    )
+    role = RolloutRole(role_settings(cfg)["rollout"])
+    assert [r.prompt for r in role.eval] == ["2+2=", "3+3="]
+    assert [line for line, _ in role.eval.skipped] == [2]
+    assert "tokens > max_prompt_tokens=48" in role.eval.skipped[0][1]
