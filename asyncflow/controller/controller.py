@@ -196,12 +196,13 @@ class Controller:
                 check()
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}") from None
+        model_dir = str(resolve_model(cfg.model.path))
         try:
-            source = train_source(data, cfg.run.seed, str(resolve_model(cfg.model.path)))
+            source = train_source(data, cfg.run.seed, model_dir)
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.source: {e}") from None
         try:
-            eval_source(data, settings["rollout"]["eval"], cfg.run.seed)
+            eval_source(data, settings["rollout"]["eval"], cfg.run.seed, model_dir)
         except (ValueError, OSError) as e:
             raise ConfigError(f"eval.source: {e}") from None
         return source
