@@ -14,12 +14,12 @@ from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller
 from asyncflow.controller.pool import WorkerError, WorkerHandle, spawn_worker
 
+STOPPED: list[str] = []  #: names of the Recorded handles stopped
+
 
 class Recorded(WorkerHandle):
-    stopped: list[str] = []
-
     async def stop(self, grace: float = 10.0) -> None:
-        Recorded.stopped.append(self.name)
+        STOPPED.append(self.name)
 
 
 def scripted_spawn(ready: asyncio.Event, fail: bool = False) -> Any:
@@ -41,7 +41,7 @@ async def test_cancelled_during_startup_stops_the_workers_that_started(
 ) -> None:
     ready = asyncio.Event()
     monkeypatch.setattr(Controller, "_spawn_one", scripted_spawn(ready))
-    Recorded.stopped = []
+    STOPPED.clear()
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.progress=false"])
     controller = Controller(cfg)
     task = asyncio.create_task(controller.run())
@@ -50,7 +50,7 @@ async def test_cancelled_during_startup_stops_the_workers_that_started(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert Recorded.stopped == ["reward0"]  # it had started: stopped, not left running
+    assert STOPPED == ["reward0"]  # it had started: stopped, not left running
 
 
 async def test_one_worker_failing_to_start_fails_the_start_at_once(
@@ -58,12 +58,12 @@ async def test_one_worker_failing_to_start_fails_the_start_at_once(
 ) -> None:
     ready = asyncio.Event()
     monkeypatch.setattr(Controller, "_spawn_one", scripted_spawn(ready, fail=True))
-    Recorded.stopped = []
+    STOPPED.clear()
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.progress=false"])
     with pytest.raises(WorkerError, match="actor0: exited with code 1"):
         # the rollout worker never finishes starting: without failing fast this would wait
         await asyncio.wait_for(Controller(cfg).run(), 30)
-    assert Recorded.stopped == ["reward0"]
+    assert STOPPED == ["reward0"]
 
 
 async def test_a_worker_that_dies_while_starting_shows_the_end_of_its_log(
