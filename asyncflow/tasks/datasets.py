@@ -10,6 +10,7 @@ in ``PromptSource.skipped``. It imports no torch: token limits take a ``count_to
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -109,9 +110,17 @@ def _text_field(record: dict[str, Any], field: str, allow_numbers: bool) -> str:
         except UnicodeDecodeError as exc:
             raise ValueError(f"field {field!r} is not valid UTF-8 ({exc.reason})") from None
     if allow_numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"field {field!r} is not a finite number ({value})")
         return str(value)
     if not isinstance(value, str):
         raise ValueError(f"field {field!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate, not text
+        raise ValueError(
+            f"field {field!r} is not text (a lone surrogate at character {exc.start})"
+        ) from None
     return value
 
 

@@ -264,7 +264,6 @@ def test_truncated_last_line_is_one_bad_row(tmp_path: Path) -> None:
 # comes off then.
 
 
-@pytest.mark.xfail(strict=True, reason="datasets: JSON-escaped lone surrogates are accepted")
 def test_lone_surrogate_escape_is_not_text(tmp_path: Path) -> None:
     """``"\\ud800"`` parses to a str that cannot be encoded to UTF-8 (a tokenizer would fail)."""
     path = dataset(tmp_path, ['{"prompt": "a\\ud800b", "answer": "1"}', GOOD])
@@ -272,14 +271,12 @@ def test_lone_surrogate_escape_is_not_text(tmp_path: Path) -> None:
     assert [line for line, _ in source.skipped] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="datasets: NaN/Infinity answers become 'nan'/'inf'")
 def test_nan_answer_is_a_bad_row(tmp_path: Path) -> None:
     path = dataset(tmp_path, ['{"prompt": "1+1=", "answer": NaN}', GOOD])
     source = load_jsonl(path, on_bad_row="skip")
     assert [line for line, _ in source.skipped] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="config: yaml.safe_load keeps the last duplicate key")
 def test_duplicate_keys_in_a_file_are_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="actor"):
         load_config(config_file(tmp_path, "actor:\n  lr: 0.1\nactor:\n  lr: 0.2\n"))
