@@ -108,6 +108,9 @@ class TrainerRole:
         #: load) wait for it, forward/backward of the next step's micro-batches need not
         self._weights_lock = asyncio.Lock()
         self._stream_step: tuple[int, int] | None = None  # (step, attempt) being accumulated
+        #: the newest (step, attempt) begun: a request of an older one is a leftover of an
+        #: attempt the controller gave up on (its HTTP call was cancelled, not the handler)
+        self._newest: tuple[int, int] | None = None
         self._rows = [0, 0]  # rows of the step being accumulated: trained, skipped
         self.busy_s = 0.0
 
@@ -162,6 +165,20 @@ class TrainerRole:
         tokens = number_param(params, "global_tokens", positive=True)
         return key, tokens, int_param(params, "global_sequences", low=1)
 
+    def _refuse_stale(self, key: tuple[int, int]) -> None:
+        if self._newest is not None and key < self._newest:
+            raise BadRequest(
+                f"step {key[0]} attempt {key[1]} is older than step {self._newest[0]} attempt "
+                f"{self._newest[1]}, already begun: a leftover of an abandoned attempt",
+                409,
+            )
+
+    def _begin(self, key: tuple[int, int], tokens: float, sequences: int) -> None:
+        """Fresh gradients for ``key`` (a new step, or a retried attempt of one)."""
+        self.engine.begin_step(self._ctx(tokens, sequences))
+        self._stream_step = self._newest = key
+        self._rows = [0, 0]
+
     def _ctx(self, global_tokens: float, global_sequences: int) -> LossContext:
         return LossContext(
             global_tokens, global_sequences, self.engine.world_size, self.engine.step
@@ -170,14 +187,16 @@ class TrainerRole:
     async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
         key, tokens, sequences = self._step_params(req.params)
         cols = tuple(str_list_param(req.params, "columns", []))
+        self._refuse_stale(key)
         batch, skipped = self._prune(await self._batch(req, "train_micro", cols))
         loss_fn = self._loss_fn()
 
         def work() -> dict[str, float]:
+            # checked again here: a retry may have begun while this request pulled its rows,
+            # and its gradients must not be wiped by (or mixed with) this leftover
+            self._refuse_stale(key)
             if self._stream_step != key:  # a new step, or a retried one: fresh gradients
-                self.engine.begin_step(self._ctx(tokens, sequences))
-                self._stream_step = key
-                self._rows = [0, 0]
+                self._begin(key, tokens, sequences)
             trained = int(batch.input_ids.shape[0])
             self._rows[0] += trained
             self._rows[1] += skipped
@@ -190,9 +209,9 @@ class TrainerRole:
 
     async def finish(self, req: WorkRequest) -> dict[str, Any]:
         key, tokens, sequences = self._step_params(req.params)
+        self._refuse_stale(key)
         if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
-            self.engine.begin_step(self._ctx(tokens, sequences))
-            self._rows = [0, 0]
+            self._begin(key, tokens, sequences)
         self._stream_step = None
         async with self._weights_lock:
             metrics = await self._run(self.engine.finish_step)
@@ -222,6 +241,9 @@ class TrainerRole:
             raise BadRequest(f"params.path: no checkpoint folder at {path!r}", 404)
         async with self._weights_lock:
             await self._run(self.engine.load, path)
+        # training goes on from the checkpoint's step (a resumed controller may count from
+        # an earlier step than this process last saw)
+        self._stream_step = self._newest = None
         return {"ok": True, "version": self.engine.step}
 
 
