@@ -86,6 +86,10 @@ class AlgorithmConfig(_Section):
     skip_zero_advantage: bool = True
     gamma: float = Field(1.0, ge=0, le=1)  #: PPO/GAE
     lam: float = Field(0.95, ge=0, le=1)  #: PPO/GAE
+    #: PPO: whiten the GAE advantages (zero mean, unit variance) over each gae call's rows.
+    #: None (default): only without streaming, where a call holds a whole step; a streaming
+    #: call may hold a single row, whose own statistics would flip the sign of its first tokens
+    whiten_advantages: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:

@@ -75,5 +75,8 @@ def role_settings(cfg: Config) -> dict[str, dict[str, Any]]:
             **cfg.critic.model_dump(exclude={"urls", "workers"}),
             "gamma": alg.gamma,
             "lam": alg.lam,
+            "whiten_advantages": (
+                not alg.streaming if alg.whiten_advantages is None else alg.whiten_advantages
+            ),
         },
     }

@@ -121,3 +121,21 @@ def test_text_keys_take_the_text_as_written() -> None:
     assert cfg.run.token is None
     assert load_config(None, ['run.name="quoted"']).run.name == "quoted"
     assert load_config(None, ["actor.lr=1e-5"]).actor.lr == 1e-5  # other keys stay YAML
+
+
+@pytest.mark.parametrize(
+    ("overrides", "whiten"),
+    [
+        ([], False),  # streaming: a gae call may hold one row
+        (["algorithm.streaming=false"], True),  # a gae call holds the whole step
+        (["algorithm.whiten_advantages=true"], True),
+        (["algorithm.streaming=false", "algorithm.whiten_advantages=false"], False),
+    ],
+)
+def test_ppo_whitens_advantages_only_over_whole_steps_by_default(
+    overrides: list[str], whiten: bool
+) -> None:
+    from asyncflow.controller.settings import role_settings
+
+    cfg = load_config(None, ["algorithm.name=ppo", *overrides])
+    assert role_settings(cfg)["critic"]["whiten_advantages"] is whiten
