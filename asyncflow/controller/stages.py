@@ -229,11 +229,22 @@ class Pipeline:
         except BaseException:
             self._give_back(spec.task, batch)
             raise
+        # groups whose reward failed under policy "regenerate" go back to rollout before
+        # anything is marked ready: complete() hands ready rows to a waiting trainer at once
+        regen = self._regenerate(spec.task, batch, out.get("metrics", {}))
+        keep = [i for i, r in enumerate(batch.rows) if r not in regen]
         produced = {
-            col: (worker.unit, p["shapes"], p["dtype"], int(p.get("version", -1)))
+            col: (
+                worker.unit,
+                _subset(p["shapes"], keep, batch),
+                p["dtype"],
+                int(p.get("version", -1)),
+            )
             for col, p in out.get("produced", {}).items()
         }
-        stale = set(self.index.complete(spec.task, batch.rows, produced))
+        rows = [batch.rows[i] for i in keep]
+        stale = set(self.index.complete(spec.task, rows, produced)) if rows else set()
+        stale |= regen
         # a row this call was the last consumer of is released by complete(): nothing to note
         # (e.g. a trained step's rows scored again after the reward worker holding them died)
         live = [r for r in batch.rows if r not in stale and r in self.index]
@@ -268,25 +279,29 @@ class Pipeline:
                         "time_s": self.log.now(),
                     }
                 )
-                if self.cfg.reward.on_failure == "regenerate":
-                    self._regenerate({int(r) for r, _ in failed} & set(live), batch)
 
-    def _regenerate(self, rows: set[int], batch: BatchMeta) -> None:
+    def _regenerate(self, task: str, batch: BatchMeta, m: dict[str, Any]) -> set[int]:
         """Policy "regenerate": a failed score sends its whole group back to rollout (a GRPO
-        group is normalised together), at most ``MAX_REGENERATIONS`` times, then it scores 0."""
-        groups = {g for r, g in zip(batch.rows, batch.groups) if r in rows}
-        for g in groups:
+        group is normalised together), at most ``MAX_REGENERATIONS`` times, then it scores 0.
+        Returns this batch's rows so sent back (the caller does not complete them)."""
+        if task != "reward" or self.cfg.reward.on_failure != "regenerate":
+            return set()
+        failed = {int(r) for r, _ in m.get("failed", [])}
+        back: set[int] = set()
+        for g in {g for r, g in zip(batch.rows, batch.groups) if r in failed}:
             members = self.index.group_rows(g)
             meta = self.index.row_meta(members[0])
             if meta.get("regenerated", 0) >= MAX_REGENERATIONS:
                 continue
             for r in members:
-                m = self.index.row_meta(r)
-                m["regenerated"] = m.get("regenerated", 0) + 1
+                row_meta = self.index.row_meta(r)
+                row_meta["regenerated"] = row_meta.get("regenerated", 0) + 1
             self.index.invalidate(members, ["prompt_ids", "response_ids", "rollout_logprobs"])
+            back.update(r for r in members if r in batch.rows)
             self.log.metrics(
                 {"event": "regenerate", "group": g, "rows": members, "time_s": self.log.now()}
             )
+        return back
 
     async def call(
         self,
@@ -513,6 +528,15 @@ def _split(batch: BatchMeta, groups_per_part: int) -> list[BatchMeta]:
             )
         )
     return parts
+
+
+def _subset(shapes: Any, keep: list[int], batch: BatchMeta) -> Any:
+    """The per-row ``shapes`` of the kept rows (one shared shape stays as it is)."""
+    if shapes is None or len(shapes) == 0 or isinstance(shapes[0], int):
+        return shapes
+    if len(keep) == len(batch.rows):
+        return shapes
+    return [shapes[i] for i in keep]
 
 
 async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

@@ -47,6 +47,9 @@ from asyncflow.workers.params import (
 )
 from asyncflow.workers.server import Op, Produced, WorkRequest, log
 
+#: how far a regenerated row's sampling seed moves per regeneration (beyond any row id)
+REGEN_SEED_STRIDE = 1 << 40
+
 
 def make_engine(settings: Mapping[str, Any], model_dir: str) -> RolloutEngine:
     """The configured rollout engine, imported only when chosen."""
@@ -209,9 +212,16 @@ class RolloutRole:
         batch = need_batch(req.batch, "generate")
         seed = req.params.get("seed")
         base_seed = None if seed is None else int_param(req.params, "seed", low=None)
+        # a row's seed: the run's base + its row id (a recomputed row draws the same sample),
+        # moved on for each time its group was regenerated (a failed reward must not be
+        # answered with the same response again)
+        again = [m.get("regenerated", 0) for m in batch.meta]
+        again = [a if type(a) is int and a >= 0 else 0 for a in again]
         sampling = {
-            rid: self._sampling(req.params, None if base_seed is None else base_seed + rid)
-            for rid in batch.rows
+            rid: self._sampling(
+                req.params, None if base_seed is None else base_seed + rid + REGEN_SEED_STRIDE * a
+            )
+            for rid, a in zip(batch.rows, again)
         }
         steps = [m.get("step", -1) for m in batch.meta]
         if not all(type(st) is int for st in steps):

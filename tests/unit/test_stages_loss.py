@@ -125,3 +125,60 @@ async def test_a_failed_checkpoint_is_retried_without_a_second_optimizer_step(
     assert actor.finishes == 1 and commits == [1, 1] and outs[0]["version"] == 1
     assert pipe.trained_version == 1
     assert not any(r in index for r in rows)  # acked: every task is done with them
+
+
+class FailingReward:
+    """The reward worker's handle: the first row of every call failed to score."""
+
+    name = "reward0"
+    unit = "reward0.1"
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        rows = body["batch"]["rows"]
+        scalar = {"shapes": [[]] * len(rows), "dtype": "float32", "version": -1}
+        return {
+            "produced": {"reward": scalar, "advantages": scalar},
+            "metrics": {
+                "rewards": [0.0] * len(rows),
+                "failed": [[rows[0], "ValueError: bad answer"]],
+                "n_failed": 1,
+            },
+        }
+
+
+async def test_a_regenerated_group_never_reaches_a_waiting_trainer(tmp_path: Path) -> None:
+    """Policy "regenerate": the failed group goes back to rollout before its scores are marked
+    ready, so a trainer already waiting for the step is not handed the failed scores."""
+    import asyncio
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "algorithm.samples_per_prompt=2",
+            "reward.on_failure=regenerate",
+        ],
+    )
+    index = SampleIndex()
+    register_tasks(index, cfg)
+    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
+    index.mark_ready(rows, "prompt", "dataset")
+    trainer = asyncio.ensure_future(index.get_batch("train", 1, partition=0))
+    await asyncio.sleep(0)
+    b = await index.get_batch("rollout", 1)
+    ragged = ("rollout0", [[3], [4]], "int64", 0)
+    index.complete(
+        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
+    )
+    log = RunLog(tmp_path / "run")
+    pipe = Pipeline(cfg, index, {}, None, log)  # type: ignore[arg-type]
+    spec = next(s for s in stage_specs(cfg) if s.task == "reward")
+    batch = await index.get_batch("reward", spec.batch, at_least=1)
+    await pipe.run_op(spec, FailingReward(), batch)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert not trainer.done()  # the failed group was not handed to the trainer
+    again = index.try_get_batch("rollout", 1)
+    assert again is not None and again.rows == rows  # back to rollout, to be generated anew
+    assert all(index.row_meta(r)["regenerated"] == 1 for r in rows)
+    trainer.cancel()
+    log.close()
