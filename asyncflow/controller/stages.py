@@ -480,12 +480,16 @@ class Pipeline:
         end = self.log.now()
         for w in [actor, *self.workers["rollout"]]:
             self.log.span(Span(w.name, "sync", start, end, 0, version))
+        # The actor sends the weights it has now: newer than ``version`` when this sync was
+        # held up (a worker being replaced) while the next step trained. Those are as good.
+        sent = int(outs[0].get("version", version))
         served = {int(o["metrics"]["version"]) for o in outs[1:]}
-        if served != {version}:
+        if sent < version or served != {sent}:
             raise RuntimeError(
-                f"weight sync: rollout engines report versions {served}, expected {version}"
+                f"weight sync: the actor sent version {sent} and the rollout engines report "
+                f"{sorted(served)}; expected version {version} or newer everywhere"
             )
-        await self.set_version(version)
+        await self.set_version(max(self.version, sent))
         recv = [o["metrics"] for o in outs[1:]]
         return {
             "sync_s": end - start,

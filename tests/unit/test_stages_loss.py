@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from asyncflow.config import load_config
 from asyncflow.controller.metrics import RunLog
 from asyncflow.controller.stages import Pipeline, register_tasks, stage_specs
@@ -181,4 +183,39 @@ async def test_a_regenerated_group_never_reaches_a_waiting_trainer(tmp_path: Pat
     assert again is not None and again.rows == rows  # back to rollout, to be generated anew
     assert all(index.row_meta(r)["regenerated"] == 1 for r in rows)
     trainer.cancel()
+    log.close()
+
+
+class SyncPeer:
+    """An actor (sends) or a rollout worker (receives) in a weight sync; both at ``version``."""
+
+    def __init__(self, name: str, version: int) -> None:
+        self.name = self.unit = name
+        self.url = f"http://{name}"
+        self.version = version
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if path == "/v1/work/sync_send":
+            return {"version": self.version, "metrics": {"seconds": 0.01, "bytes": 8}}
+        assert path == "/v1/work/sync_recv"
+        return {"metrics": {"version": self.version, "recv_s": 0.01, "total_s": 0.02}}
+
+
+async def test_a_held_up_sync_may_deliver_newer_weights(tmp_path: Path) -> None:
+    """The sync after step s waited (a rollout worker was being replaced) while step s + 1
+    trained: the actor now sends version s + 2. The engines serving s + 2 is right, not an
+    error that ends the run."""
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    workers = {
+        "actor": [SyncPeer("actor0", 6)],
+        "rollout": [SyncPeer("rollout0", 6), SyncPeer("rollout1", 6)],
+    }
+    log = RunLog(tmp_path / "run")
+    pipe = Pipeline(cfg, SampleIndex(), workers, None, log)  # type: ignore[arg-type]
+    pipe.version = 4
+    out = await pipe.sync_weights(5)
+    assert pipe.version == 6 and out["bytes"] == 8
+    workers["rollout"][1].version = 5  # one engine did not take the newest weights: an error
+    with pytest.raises(RuntimeError, match="expected version 5 or newer"):
+        await pipe.sync_weights(5)
     log.close()
