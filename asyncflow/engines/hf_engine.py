@@ -81,9 +81,11 @@ def _truncate(logits: torch.Tensor, rows: Sequence[SamplingConfig]) -> torch.Ten
     top_p = torch.tensor([r.top_p if r.temperature > 0 else 1.0 for r in rows])
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     ranks = torch.arange(vocab)[None, :]
+    # top-k first, then top-p over the renormalised top-k set (as vLLM and transformers do)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability mass of higher-ranked tokens
-    drop = (ranks >= top_k[:, None]) | ((mass_before > top_p[:, None]) & (ranks > 0))
+    drop = (mass_before > top_p[:, None]) & (ranks > 0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
