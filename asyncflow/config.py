@@ -73,8 +73,15 @@ class AlgorithmConfig(_Section):
     streaming: bool = True
     micro_batch_groups: int = Field(2, ge=1)  #: groups per streamed micro-batch
     normalize_std: bool = True  #: GRPO: divide by the group's reward std
+    #: the PPO "old" policy of the clipped ratio. "current" (decoupled PPO): the trainer's own
+    #: weights before the step -- with one optimizer step per batch the ratio is exactly 1, so
+    #: clip_low/clip_high never bind and the trust region is the importance-weight cap
+    #: (behaviour -> current, importance_mode/importance_cap). "behaviour": the rollout
+    #: engine's log-probs -- the ratio current/behaviour is clipped (plain off-policy PPO)
+    old_policy: Literal["current", "behaviour"] = "current"
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)
+    dual_clip: float | None = Field(None, gt=1)  #: for A < 0, cap the loss at -dual_clip * A
     importance_mode: Literal["none", "truncate", "mask"] = "truncate"
     importance_cap: float = Field(2.0, gt=0)
     kl_coef: float = Field(0.0, ge=0)  #: KL penalty to the reference (0: no reference worker)

@@ -29,8 +29,10 @@ def role_settings(cfg: Config) -> dict[str, dict[str, Any]]:
     trainer: dict[str, Any] = {"temperature": cfg.rollout.temperature or 1.0}
     alg = cfg.algorithm
     loss = {
+        "old_policy": alg.old_policy,
         "clip_low": alg.clip_low,
         "clip_high": alg.clip_high,
+        "dual_clip": alg.dual_clip,
         "importance_mode": alg.importance_mode,
         "importance_cap": alg.importance_cap,
         "kl_coef": alg.kl_coef,

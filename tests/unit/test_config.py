@@ -139,3 +139,17 @@ def test_ppo_whitens_advantages_only_over_whole_steps_by_default(
 
     cfg = load_config(None, ["algorithm.name=ppo", *overrides])
     assert role_settings(cfg)["critic"]["whiten_advantages"] is whiten
+
+
+def test_loss_keys_reach_the_actor_objective() -> None:
+    """old_policy and dual_clip are config keys (they were reachable only in code)."""
+    from asyncflow.controller.settings import role_settings
+    from asyncflow.workers.trainer import ActorRole
+
+    cfg = load_config(None, ["algorithm.old_policy=behaviour", "algorithm.dual_clip=3.0"])
+    role = ActorRole(role_settings(cfg)["actor"])
+    assert role.objective.old_policy == "behaviour" and role.objective.config.dual_clip == 3.0
+    default = ActorRole(role_settings(load_config(None, []))["actor"])
+    assert default.objective.old_policy == "current" and default.objective.config.dual_clip is None
+    with pytest.raises(ConfigError, match="dual_clip"):
+        load_config(None, ["algorithm.dual_clip=0.5"])
