@@ -12,7 +12,10 @@ worker dies:
    waited for at its URL (its orchestrator restarts it);
 4. state is restored: a trainer loads the checkpoint of the version it had reached (so keep
    ``checkpoint.every=1`` where trainer faults must be survived), and the weight-sync group is
-   formed anew with every rollout engine, which then receives the current weights;
+   formed anew with every rollout engine, which then receives the current weights. The group
+   must hold every actor and rollout slot: while another of those slots is still being replaced
+   (two died at once), the group is left to the last of those recoveries, which re-forms it
+   once for all of them;
 5. the slot is marked ready and the loops resume.
 """
 
@@ -30,6 +33,9 @@ from asyncflow.controller.stages import Pipeline
 
 Spawn = Callable[[str, int, int], Awaitable[WorkerHandle]]  # role, slot, generation
 InitSync = Callable[[], Awaitable[None]]
+
+#: the roles in the weight-sync group
+SYNC_ROLES = ("actor", "rollout")
 
 
 class Supervisor:
@@ -52,6 +58,11 @@ class Supervisor:
         self.deaths: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation: dict[str, int] = {}
+        #: actor/rollout slots (worker names) that died and whose replacement is not up yet
+        self._replacing: set[str] = set()
+        #: replaced actor/rollout slots waiting for the sync group to be re-formed: their ready
+        #: events, set once it is (by the last recovery of a run of overlapping ones)
+        self._unsynced: dict[str, asyncio.Event] = {}
         self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def watch_all(self) -> None:
@@ -116,6 +127,10 @@ class Supervisor:
         p = self.p
         ready = p.ready.setdefault(dead.name, asyncio.Event())
         ready.clear()
+        syncs = role in SYNC_ROLES
+        if syncs:  # before any await: a recovery finishing meanwhile must see this slot dead
+            self._replacing.add(dead.name)
+            self._unsynced.pop(dead.name, None)  # died again before its group was re-formed
         lost = p.index.mark_unit_lost(dead.unit)
         event = {
             "event": "worker_died",
@@ -138,10 +153,6 @@ class Supervisor:
         p.units[new.unit] = new.url
         if role in ("actor", "critic"):
             await self._restore_trainer(new)
-        if role in ("actor", "rollout"):
-            async with p.sync_lock:
-                await self.init_sync()
-                await self._push_weights()
         p.log.metrics(
             {
                 "event": "worker_replaced",
@@ -150,8 +161,47 @@ class Supervisor:
                 "time_s": p.log.now(),
             }
         )
-        ready.set()
+        # watched from now on: should it die while the sync group is re-formed, that recovery
+        # takes the group over instead of this one failing
         self._watch(role, i, new)
+        if not syncs:
+            ready.set()
+            return
+        self._replacing.discard(dead.name)
+        self._unsynced[dead.name] = ready
+        await self._resync()
+
+    async def _resync(self) -> None:
+        """Re-form the weight-sync group and push the current weights, then let every replaced
+        actor/rollout slot resume. Only once no such slot is still being replaced: the group
+        takes every handle, and a dead one would fail it (and the run) -- the last recovery of
+        overlapping ones does it for all. A failure is retried (a death not noticed yet is
+        noticed within three heartbeats, and its recovery then takes over) until
+        ``start_timeout_s`` has passed."""
+        p = self.p
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout_s
+        while self._unsynced and not self._replacing:
+            try:
+                async with p.sync_lock:
+                    await self.init_sync()
+                    await self._push_weights()
+            except WorkerError as e:
+                if loop.time() > deadline:
+                    raise
+                p.log.metrics(
+                    {
+                        "event": "retry",
+                        "what": "re-forming the weight-sync group",
+                        "error": str(e)[:300],
+                        "time_s": p.log.now(),
+                    }
+                )
+                await asyncio.sleep(self.heartbeat_s)
+                continue
+            waiting, self._unsynced = self._unsynced, {}
+            for event in waiting.values():
+                event.set()
 
     async def _reattach(self, role: str, dead: WorkerHandle) -> WorkerHandle:
         async with asyncio.timeout(self.start_timeout_s):
