@@ -1,8 +1,10 @@
 """Worker supervision: notice a dead worker within seconds, lose nothing, carry on.
 
 For every worker the supervisor runs one watch task: a spawned worker is watched through its
-process (its exit is noticed at once), an attached one through ``/healthz`` heartbeats. When a
-worker dies:
+process (its exit is noticed at once), an attached one through ``/healthz`` heartbeats -- three
+missed in a row, or an answer with another ``instance`` id (the worker was restarted at the same
+URL between two probes: same unit name, but empty storage, initial weights, no sync group) is a
+death. When a worker dies:
 
 1. its slot is marked not ready (stage loops for it pause; requests in flight fail and give their
    rows back to the index);
@@ -112,16 +114,32 @@ class Supervisor:
         await self.fatal
 
     async def _heartbeat(self, h: WorkerHandle) -> str:
+        """Probe ``/healthz`` every ``heartbeat_s``; returns why the worker counts as dead.
+
+        A worker restarted at the same URL between two probes answers with another instance
+        id: that is a death too (the new process holds none of the old one's data or state).
+        The id expected is the one read when the worker was attached (``h.info``), else the
+        first answer's."""
         misses = 0
+        expected = h.info.get("instance")
+        first = True
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            if not first:
+                await asyncio.sleep(self.heartbeat_s)
+            first = False
             try:
-                await h.get("/healthz", timeout=self.heartbeat_s)
-                misses = 0
+                out = await h.get("/healthz", timeout=self.heartbeat_s)
             except WorkerError as e:
                 misses += 1
                 if misses >= 3:
                     return f"no heartbeat 3 times in a row ({e})"
+                continue
+            misses = 0
+            instance = out.get("instance")
+            if expected is None:
+                expected = instance
+            elif instance != expected:
+                return f"restarted at its URL (instance {expected} is now {instance})"
 
     async def _recover(self, role: str, i: int, dead: WorkerHandle, reason: str) -> None:
         p = self.p
@@ -207,9 +225,14 @@ class Supervisor:
         async with asyncio.timeout(self.start_timeout_s):
             while True:
                 try:
-                    return await attach_worker(role, dead.name, dead.url, dead.token)
+                    h = await attach_worker(role, dead.name, dead.url, dead.token)
                 except WorkerError:
                     await asyncio.sleep(self.heartbeat_s)
+                    continue
+                # the id its heartbeats must keep answering with (else the first one's)
+                with contextlib.suppress(WorkerError, KeyError):
+                    h.info["instance"] = (await h.get("/healthz"))["instance"]
+                return h
 
     async def _restore_trainer(self, new: WorkerHandle) -> None:
         """Load the checkpoint of the version training had reached (its last committed step,

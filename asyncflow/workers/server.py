@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -145,7 +146,12 @@ class WorkerServer:
             await runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        # ``instance``: random, fixed for this server's life. A worker restarted at the same URL
+        # between two heartbeats (compose's restart policy) answers with a new one, so the
+        # supervisor tells it from the process it replaced (the pid is 1 in every container).
+        # Not a secret: /healthz needs no token.
+        instance = self.__dict__.setdefault("_instance", secrets.token_hex(8))
+        return web.json_response({"ok": True, "instance": instance})
 
     async def _info(self, request: web.Request) -> web.Response:
         up = time.monotonic() - self.started
