@@ -235,9 +235,10 @@ class Controller:
             print(f"report not written: {type(e).__name__}: {e}", file=sys.stderr)
 
     async def _restore(self, state: dict[str, Any], log: RunLog) -> int:
-        """Continue from a checkpoint: the actor's weights and optimizer, the loader position,
-        the index (its rows' data died with the old workers, so every unit is marked lost and
-        lineage recomputes it), and the trained-sample log cut back to the checkpoint."""
+        """Continue from a checkpoint: the actor's weights and optimizer (with PPO the critic's
+        too, from the checkpoint's ``critic/`` folder), the loader position, the index (its
+        rows' data died with the old workers, so every unit is marked lost and lineage
+        recomputes it), and the trained-sample log cut back to the checkpoint."""
         p = self.pipeline
         assert p is not None
         restored = SampleIndex.restore(state["index"], self._free)
@@ -252,6 +253,25 @@ class Controller:
         # the absolute path recorded when the checkpoint was written
         path = self._checkpoint_dir(int(state["step"]))
         await p.call(self.workers["actor"][0], "load", params={"path": str(path)})
+        if "critic" in self.workers:
+            critic = path / Supervisor.CRITIC_SUBDIR
+            ranks = self.workers["critic"]
+            if (critic / "trainer_state.json").is_file():
+                outs = await asyncio.gather(
+                    *(p.call(w, "load", params={"path": str(critic)}) for w in ranks)
+                )
+                critic_version = int(outs[0]["version"])
+            else:  # a checkpoint written before critics were saved: say so, loudly
+                critic_version = int((await ranks[0].get("/v1/info")).get("policy_version", 0))
+                warning = (
+                    f"{path} holds no critic checkpoint (critic/): the critic starts from its "
+                    "initial weights and a fresh value head"
+                )
+                print(f"warning: {warning}", file=sys.stderr)
+                log.metrics({"event": "critic_not_restored", "why": warning, "time_s": log.now()})
+            # the steps the critic's version counts less than the actor's (0 unless it was not
+            # restored): _save_critic waits for the critic to have taken the step it saves
+            self._critic_behind = int(state["version"]) - critic_version
         log.truncate_samples(int(state["samples_before"]), state["samples_step"])
         last = int(state["step"]) - 1  # committed; its record is written after its sync
         if last >= 0 and last not in recorded_steps(self.cfg.run_dir / "metrics.jsonl"):
@@ -626,12 +646,16 @@ class Controller:
         return {k: v for k, v in rec.items() if k.startswith("eval_")}
 
     async def _checkpoint(self, step: int, version: int, records: list[dict[str, Any]]) -> None:
-        """The actor (weights + optimizer) and everything the controller needs to resume at
-        ``step``: loader position, index snapshot, and this step's sample records."""
+        """The actor (weights + optimizer), with PPO the critic (the same, in ``critic/``), and
+        everything the controller needs to resume at ``step``: loader position, index snapshot,
+        and this step's sample records. ``controller_state.json`` is written last, atomically:
+        a checkpoint is whole or absent."""
         p = self.pipeline
         assert p is not None
         path = self._checkpoint_dir(step)
         await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
+        if "critic" in self.workers:
+            await self._save_critic(path / Supervisor.CRITIC_SUBDIR, version)
         path.mkdir(parents=True, exist_ok=True)  # the actor may be on another host
         state = {
             "step": step,
@@ -649,6 +673,28 @@ class Controller:
         tmp.replace(path / "controller_state.json")  # atomic: a checkpoint is whole or absent
         self._saved_step = step
         self._prune_checkpoints()
+
+    async def _save_critic(self, path: Path, version: int) -> None:
+        """Save the PPO critic (every rank: rank 0 writes, the others wait at its barrier) once
+        it has taken this step's update: its step runs beside the actor's, and this is the
+        actor's commit. Its version counts its steps, like the actor's (less any steps it is
+        behind, see :meth:`_restore`). A critic that dies meanwhile is replaced from the last
+        checkpoint and redoes the step; this waits for it."""
+        p = self.pipeline
+        assert p is not None
+        target = version - getattr(self, "_critic_behind", 0)
+        while True:
+            ranks = list(self.workers["critic"])
+            await p.wait_ready(*ranks)
+            try:
+                info = await ranks[0].get("/v1/info")
+            except WorkerError:  # died: wait_ready waits for its replacement
+                await asyncio.sleep(0.05)
+                continue
+            if int(info.get("policy_version", 0)) >= target:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(p.call(w, "save", params={"path": str(path)}) for w in ranks))
 
     def _checkpoint_dir(self, step: int) -> Path:
         return (self.cfg.run_dir / "checkpoints" / f"step_{step:06d}").resolve()

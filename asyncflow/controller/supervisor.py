@@ -12,12 +12,12 @@ death. When a worker dies:
    from those fields -- is recomputed from the prompts (lineage);
 3. it is replaced: a spawned worker is restarted with a new storage-unit name; an attached one is
    waited for at its URL (its orchestrator restarts it);
-4. state is restored: a trainer loads the checkpoint of the version it had reached (so keep
-   ``checkpoint.every=1`` where trainer faults must be survived), and the weight-sync group is
-   formed anew with every rollout engine, which then receives the current weights. The group
-   must hold every actor and rollout slot: while another of those slots is still being replaced
-   (two died at once), the group is left to the last of those recoveries, which re-forms it
-   once for all of them;
+4. state is restored: a trainer loads the checkpoint of the version it had reached (the actor
+   from ``step_N/``, the PPO critic from ``step_N/critic/``; so keep ``checkpoint.every=1``
+   where trainer faults must be survived), and the weight-sync group is formed anew with every
+   rollout engine, which then receives the current weights. The group must hold every actor and
+   rollout slot: while another of those slots is still being replaced (two died at once), the
+   group is left to the last of those recoveries, which re-forms it once for all of them;
 5. the slot is marked ready and the loops resume.
 """
 
@@ -41,6 +41,9 @@ SYNC_ROLES = ("actor", "rollout")
 
 
 class Supervisor:
+    #: where a step's checkpoint keeps the PPO critic (the actor's is the step's folder itself)
+    CRITIC_SUBDIR = "critic"
+
     def __init__(
         self,
         pipeline: Pipeline,
@@ -170,7 +173,7 @@ class Supervisor:
         p.workers[role][i] = new
         p.units[new.unit] = new.url
         if role in ("actor", "critic"):
-            await self._restore_trainer(new)
+            await self._restore_trainer(new, role)
         p.log.metrics(
             {
                 "event": "worker_replaced",
@@ -234,17 +237,20 @@ class Supervisor:
                     h.info["instance"] = (await h.get("/healthz"))["instance"]
                 return h
 
-    async def _restore_trainer(self, new: WorkerHandle) -> None:
+    async def _restore_trainer(self, new: WorkerHandle, role: str = "actor") -> None:
         """Load the checkpoint of the version training had reached (its last committed step,
-        possibly one ahead of what the rollout engines serve); without one, fail."""
+        possibly one ahead of what the rollout engines serve): the actor's is the step's
+        folder, the critic's its ``critic/`` sub-folder; without one, fail."""
         version = self.p.trained_version
         path = self.checkpoints / f"step_{version:06d}"
+        if role == "critic":
+            path = path / self.CRITIC_SUBDIR
         if version == 0:
             return  # nothing trained yet: the fresh worker's initial weights are right
         if not (path / "trainer_state.json").exists():
             raise RuntimeError(
-                f"{new.name} died at policy version {version} and there is no checkpoint at "
-                f"{path}; set checkpoint.every=1 to survive trainer failures"
+                f"{new.name} died at policy version {version} and there is no {role} "
+                f"checkpoint at {path}; set checkpoint.every=1 to survive trainer failures"
             )
         await self.p.call(new, "load", params={"path": str(path)})
 

@@ -42,7 +42,10 @@ class ValueModel(nn.Module):
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (B, T, H)
-        return self.value_head(hidden.float()).squeeze(-1)  # (B, T)
+        # the head in float32 even under bf16 autocast (critic.mixed_precision=bf16): values
+        # are regression targets' estimates, bf16's 8 mantissa bits would round them coarsely
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)  # (B, T) float32
 
 
 class TorchCriticEngine(TorchEngineBase):
@@ -98,8 +101,15 @@ class TorchCriticEngine(TorchEngineBase):
         )
 
     def _load_model(self, path: Path) -> None:
+        head_file = path / VALUE_HEAD_FILE
+        if not head_file.is_file():  # checked first: a failed load changes nothing
+            raise FileNotFoundError(
+                f"no {VALUE_HEAD_FILE} in {path}: not a critic checkpoint (a step's critic is "
+                "saved in its critic/ sub-folder)"
+            )
+        head = load_file(str(head_file))
         load_model_weights(self.module, path, prefix="lm.")
-        self.value_model.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
+        self.value_model.value_head.load_state_dict(head)
 
 
 __all__ = ["VALUE_HEAD_FILE", "TorchCriticEngine", "ValueModel"]
