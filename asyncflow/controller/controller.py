@@ -252,7 +252,8 @@ class Controller:
         # where the run directory is now (it may have been moved, or mounted elsewhere), not
         # the absolute path recorded when the checkpoint was written
         path = self._checkpoint_dir(int(state["step"]))
-        await p.call(self.workers["actor"][0], "load", params={"path": str(path)})
+        actors = list(self.workers["actor"])  # every data-parallel rank loads the same state
+        await asyncio.gather(*(p.call(w, "load", params={"path": str(path)}) for w in actors))
         if "critic" in self.workers:
             critic = path / Supervisor.CRITIC_SUBDIR
             ranks = self.workers["critic"]
@@ -653,7 +654,9 @@ class Controller:
         p = self.pipeline
         assert p is not None
         path = self._checkpoint_dir(step)
-        await p.call(self.workers["actor"][0], "save", params={"path": str(path)})
+        # every data-parallel rank: rank 0 writes, the others wait at its barrier
+        actors = list(self.workers["actor"])
+        await asyncio.gather(*(p.call(w, "save", params={"path": str(path)}) for w in actors))
         if "critic" in self.workers:
             await self._save_critic(path / Supervisor.CRITIC_SUBDIR, version)
         path.mkdir(parents=True, exist_ok=True)  # the actor may be on another host

@@ -92,12 +92,15 @@ class RecordingPipeline:
         from types import SimpleNamespace
 
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.loader = SimpleNamespace(position=0)
+        self.workers_called: list[Any] = []
+        self.loader = SimpleNamespace(position=0, state=lambda: {"position": 0})
+        self.log = SimpleNamespace(samples_written=0)
         self.index: Any = None
         self.admitted_steps = self.version = self.trained_version = 0
 
     async def call(self, worker: Any, op: str, batch: Any = None, params: Any = None) -> Any:
         self.calls.append((op, params))
+        self.workers_called.append(worker)
         return {}
 
 
@@ -110,7 +113,7 @@ async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path
     controller = Controller(cfg, resume=True)
     pipe = RecordingPipeline()
     controller.pipeline = pipe  # type: ignore[assignment]
-    controller.workers = {"actor": ["actor0"]}  # type: ignore[dict-item]
+    controller.workers = {"actor": ["actor0", "actor1"]}  # type: ignore[dict-item]
     state = {
         "step": 4,
         "version": 4,
@@ -126,10 +129,26 @@ async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path
         assert await controller._restore(state, log) == 4
     finally:
         log.close()
-    assert pipe.calls == [
-        ("load", {"path": str((cfg.run_dir / "checkpoints" / "step_000004").resolve())})
-    ]
+    here = {"path": str((cfg.run_dir / "checkpoints" / "step_000004").resolve())}
+    assert pipe.calls == [("load", here)] * 2  # every data-parallel rank loads
+    assert pipe.workers_called == ["actor0", "actor1"]
     assert pipe.loader.position == 32 and pipe.version == 4 and pipe.admitted_steps == 5
+
+
+async def test_every_data_parallel_rank_takes_part_in_a_checkpoint(tmp_path: Path) -> None:
+    """Rank 0 writes and waits at a barrier for the others: asking rank 0 alone hung."""
+    from asyncflow.transfer.index import SampleIndex
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "actor.workers=2"])
+    controller = Controller(cfg)
+    pipe = RecordingPipeline()
+    controller.pipeline = pipe  # type: ignore[assignment]
+    controller.index = SampleIndex()
+    controller.workers = {"actor": ["actor0", "actor1"]}  # type: ignore[dict-item]
+    await controller._checkpoint(2, 2, [])
+    assert [op for op, _ in pipe.calls] == ["save", "save"]
+    assert pipe.workers_called == ["actor0", "actor1"]
+    assert (cfg.run_dir / "checkpoints" / "step_000002" / "controller_state.json").is_file()
 
 
 async def test_ppo_steps_fail_together() -> None:
