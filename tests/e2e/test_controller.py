@@ -341,3 +341,30 @@ def test_a_second_sigterm_stops_at_once_and_leaves_no_worker(tmp_path: Path) -> 
     while any(alive(p) for p in workers):
         assert time.monotonic() < deadline, "a worker outlived the controller"
         time.sleep(0.2)
+
+
+def test_data_parallel_actor_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """actor.workers=2: both ranks train, take part in every checkpoint (rank 0 writes, rank 1
+    waits at its barrier: asked of rank 0 alone, the save hung) and resume from it."""
+    common = [
+        f"run.output_dir={tmp_path}",
+        "run.name=dp",
+        "run.progress=false",
+        "actor.workers=2",
+        "rollout.engine=transformers",
+        "eval.size=16",
+        "eval.every=0",
+        "checkpoint.every=1",
+    ]
+    first = uvloop.run(Controller(load_config(None, [*common, "algorithm.steps=2"])).run())
+    assert first["steps"] == 2
+    run_dir = tmp_path / "dp"
+    assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    cfg = load_config(run_dir / "config.json", [*common, "algorithm.steps=3"])
+    again = uvloop.run(Controller(cfg, resume=True).run())
+    assert again["steps"] == 3
+    trained = jsonl(run_dir / "samples.jsonl")
+    assert sorted({x["step"] for x in trained}) == [0, 1, 2]
+    assert len(trained) == 3 * 64  # each step's samples once, across the resume
+    resumed = [x for x in jsonl(run_dir / "metrics.jsonl") if x.get("event") == "resumed"]
+    assert [x["version"] for x in resumed] == [2]
