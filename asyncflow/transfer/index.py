@@ -244,6 +244,7 @@ class SampleIndex:
             old = row.fields.get(column)
             if old is not None and old.unit != unit:
                 self._drop_unit_entry(old.unit, rid, column)
+                row.stale_units.add(old.unit)  # its copy there is freed with the row
             row.fields[column] = FieldMeta(unit, per_row[i], dtype, version)
             if version > row.version:
                 row.version = version
@@ -370,6 +371,7 @@ class SampleIndex:
         """
         held = self._unit_rows.pop(unit, {})
         lost: dict[str, list[int]] = {}
+        dropped: list[tuple[int, _Row, set[str]]] = []
         for rid, cols in held.items():
             row = self._rows.get(rid)
             if row is None:
@@ -380,7 +382,10 @@ class SampleIndex:
                 del row.fields[c]
             self.lost_fields += len(gone)
             if gone:
-                self._invalidate(rid, row, gone)
+                dropped.append((rid, row, gone))
+        # every field first, then lineage: redoing one row can redo its group's other rows
+        for rid, row, gone in dropped:
+            self._invalidate(rid, row, gone)
         self._wake_touched()
         return lost
 
@@ -402,30 +407,74 @@ class SampleIndex:
                 self._invalidate(rid, row, gone)
         self._wake_touched()
 
-    def _invalidate(self, rid: int, row: _Row, gone: set[str]) -> None:
+    def _invalidate(
+        self, rid: int, row: _Row, gone: set[str], force: frozenset[str] = frozenset()
+    ) -> None:
+        """``gone`` columns of row ``rid`` were dropped: drop what was derived from them and
+        send the row back through the tasks that must recompute what is still needed.
+
+        The tasks that will still run for the row are every task that has not consumed it (a
+        row is released only once all have) -- plus ``force`` -- and, transitively, the
+        producers of the dropped columns those need. A final consumer (it produces nothing)
+        that consumed the row is done with it for good (the trainer's update happened): it is
+        never reset, so it never gets the row twice; with PPO's two trainers the critic still
+        gets the recomputed row after the actor's update, the actor not again."""
         derived = self._downstream(frozenset(gone))
-        users = {t.name for c in derived for t in self._by_column.get(c, ())}
-        if all(rid in self._tasks[u].consumed for u in users):
-            return  # every consumer already has what it needed: nothing to redo
+        run = {t.name for t in self._tasks.values() if rid not in t.consumed} | force
+        need: set[str] = set()
+        frontier = list(run)
+        while frontier:
+            for col in self._tasks[frontier.pop()].requires:
+                if col in derived and col not in need:
+                    need.add(col)
+                    p = self._producer.get(col)
+                    if p is not None and p not in run:
+                        run.add(p)
+                        frontier.append(p)
+        if not need and not force:
+            return  # every task still to run has what it needs: nothing to redo
         for c in derived - gone:
             fm = row.fields.pop(c, None)
             if fm is not None:
                 self._drop_unit_entry(fm.unit, rid, c)
                 row.stale_units.add(fm.unit)
         row.version = max((f.version for f in row.fields.values()), default=-1)
-        reset = users | {p for c in derived if (p := self._producer.get(c)) is not None}
-        for name in reset:
+        for name in sorted(run):
             t = self._tasks[name]
-            if rid in t.leased and not t.produces:
-                # A final consumer (the trainer) already pulled this row: its use of the old
-                # data is whole. It acks (trained once) or requeues (then the row waits for
-                # the recomputed fields like any other).
-                continue
-            if rid in t.consumed:
+            if rid in t.consumed:  # a producer whose output is needed again
                 t.consumed.discard(rid)
                 row.acked_by -= 1
-            t.leased.discard(rid)
+            elif rid in t.leased:
+                if not t.produces or t.required.isdisjoint(derived):
+                    # A final consumer (the trainer) already pulled this row: its use of the
+                    # old data is whole. It acks (trained once) or requeues (then the row waits
+                    # for the recomputed fields like any other). A producer whose inputs are
+                    # intact finishes its call as usual.
+                    continue
+                t.leased.discard(rid)  # its result would derive from the dropped data
+            else:
+                continue
             self._maybe_ready(t, rid, row)
+            if t.groups and t.produces:
+                self._reset_siblings(t, rid)
+
+    def _reset_siblings(self, t: _Task, rid: int) -> None:
+        """A group producer must redo row ``rid``: it runs on whole groups, so it redoes the
+        resident rest of the group too (otherwise the group never becomes ready for it)."""
+        for sid in self._groups[self._rows[rid].group].rows:
+            sib = self._rows.get(sid)
+            if sib is None or sid == rid:
+                continue
+            if sid in t.leased:
+                t.leased.discard(sid)
+                self._maybe_ready(t, sid, sib)
+            elif sid in t.consumed:
+                gone = {c for c in t.produces if c in sib.fields}
+                for c in gone:
+                    fm = sib.fields.pop(c)
+                    self._drop_unit_entry(fm.unit, sid, c)
+                    sib.stale_units.add(fm.unit)
+                self._invalidate(sid, sib, gone, force=frozenset({t.name}))
 
     def _downstream(self, cols: frozenset[str]) -> set[str]:
         """``cols`` plus every column produced by a task that needs one of them, transitively."""
@@ -556,11 +605,18 @@ class SampleIndex:
             self._enqueue(t, rid, row.version)
             return
         gid = row.group
-        grp = self._groups[gid]
-        # Count afresh over the group (groups are small): robust to losses and requeues.
-        if all(self._row_ready_for(t, r, self._rows[r]) for r in grp.rows):
-            ver = max(self._rows[r].version for r in grp.rows)
-            self._enqueue(t, gid, ver)
+        # Count afresh over the group (groups are small): robust to losses and requeues. A
+        # released row (every task consumed it) no longer belongs to the group's batches.
+        members = self._resident(gid)
+        if all(self._row_ready_for(t, r, m) for r, m in members):
+            self._enqueue(t, gid, max(m.version for _, m in members))
+
+    def _resident(self, gid: int) -> list[tuple[int, _Row]]:
+        """The group's rows not yet released, with their records."""
+        grp = self._groups.get(gid)
+        if grp is None:
+            return []
+        return [(r, m) for r in grp.rows if (m := self._rows.get(r)) is not None]
 
     def _queue(self, t: _Task, key: Any) -> _Queue:
         if key is not None and t.partition is None:
@@ -573,8 +629,8 @@ class SampleIndex:
     def _key(self, t: _Task, item: int) -> Any:
         if t.partition is None:
             return None
-        rid = self._groups[item].rows[0] if t.groups else item
-        return self._rows[rid].meta.get(t.partition)
+        row = self._resident(item)[0][1] if t.groups else self._rows[item]
+        return row.meta.get(t.partition)
 
     def _enqueue(self, t: _Task, item: int, version: int) -> None:
         q = self._queue(t, self._key(t, item))
@@ -590,10 +646,8 @@ class SampleIndex:
 
     def _valid(self, t: _Task, item: int) -> bool:
         if t.groups:
-            grp = self._groups.get(item)
-            return grp is not None and all(
-                r in self._rows and self._row_ready_for(t, r, self._rows[r]) for r in grp.rows
-            )
+            members = self._resident(item)
+            return bool(members) and all(self._row_ready_for(t, r, m) for r, m in members)
         row = self._rows.get(item)
         return row is not None and self._row_ready_for(t, item, row)
 
@@ -644,11 +698,11 @@ class SampleIndex:
 
     def _item_version(self, t: _Task, item: int) -> int:
         if t.groups:
-            return max(self._rows[r].version for r in self._groups[item].rows)
+            return max(m.version for _, m in self._resident(item))
         return self._rows[item].version
 
     def _lease(self, t: _Task, items: list[int]) -> list[int]:
-        rows = [r for g in items for r in self._groups[g].rows] if t.groups else items
+        rows = [r for g in items for r, _ in self._resident(g)] if t.groups else items
         t.leased.update(rows)
         if t.policy == "balanced":
             rows = _balance(

@@ -8,6 +8,8 @@ every admitted row was trained exactly once.
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -113,3 +115,180 @@ class IndexMachine(RuleBasedStateMachine):
 
 TestIndexMachine = IndexMachine.TestCase
 TestIndexMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+PPO_TASKS: dict[str, tuple[list[str], list[str], bool, str | None]] = {
+    # name: (requires, produces, groups, partition) -- as stages.register_tasks declares PPO
+    "rollout": (["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], True, None),
+    "reward": (["response_ids"], ["reward"], False, None),
+    "values": (["prompt_ids", "response_ids"], ["values"], False, None),
+    "gae": (["response_ids", "reward", "values"], ["advantages", "returns"], False, None),
+    "critic_train": (["prompt_ids", "response_ids", "values", "returns"], [], True, "step"),
+    "train": (["prompt_ids", "response_ids", "rollout_logprobs", "advantages"], [], True, "step"),
+}
+FINAL = ("critic_train", "train")
+STEPS = (0, 1, 2)
+
+
+class PPOIndexMachine(RuleBasedStateMachine):
+    """PPO's graph: two final consumers (actor and critic) of step partitions, several workers
+    whose storage units die (a replacement gets a new unit name), regenerated groups, and a
+    controller restart (snapshot, restore, every worker's unit lost). Each trainer trains each
+    admitted row exactly once, and every row is released once both have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: set[int] = set()
+        self.idx = self._new_index()
+        self.admitted: set[int] = set()
+        # task -> in-flight leases: (rows, worker slot that took them)
+        self.leases: dict[str, list[tuple[list[int], int]]] = {t: [] for t in PPO_TASKS}
+        self.trained: dict[str, list[int]] = {t: [] for t in FINAL}
+        self.generation = [0, 0, 0]  # worker slot -> replacements so far (its unit's name)
+
+    def _new_index(self, state: dict[str, object] | None = None) -> SampleIndex:
+        if state is not None:
+            return SampleIndex.restore(state, self._freed)
+        idx = SampleIndex(self._freed)
+        for name, (requires, produces, groups, partition) in PPO_TASKS.items():
+            idx.register_task(name, requires, produces, groups=groups, partition=partition)
+        return idx
+
+    def _freed(self, by_unit: dict[str, list[int]]) -> None:
+        for rows in by_unit.values():
+            self.released.update(r for r in rows if r not in self.idx._rows)
+
+    def _unit(self, slot: int) -> str:
+        return f"w{slot}.{self.generation[slot]}"
+
+    def _finish(self, task: str, rows: list[int], unit: str) -> None:
+        if task in FINAL:
+            live = [r for r in rows if r in self.idx._tasks[task].leased]
+            self.idx.ack(task, live)
+            self.trained[task] += live
+        else:
+            produced = {c: (unit, [2], "f", 0) for c in PPO_TASKS[task][1]}
+            self.idx.complete(task, rows, produced)
+
+    @rule(size=st.integers(1, 3), step=st.sampled_from(STEPS))
+    def admit(self, size: int, step: int) -> None:
+        rows = self.idx.add_group(size, [{"step": step}] * size)
+        self.idx.mark_ready(rows, "prompt", "dataset")
+        self.admitted.update(rows)
+
+    def _ready(self) -> list[tuple[str, int | None]]:
+        """(task, partition) pairs with something ready now."""
+        out: list[tuple[str, int | None]] = []
+        for name, t in sorted(self.idx._tasks.items()):
+            for key, q in t.queues.items():
+                if any(self.idx._valid(t, i) for i in q.queued):
+                    out.append((name, key))
+        return out
+
+    @rule(data=st.data(), calls=st.integers(1, 8))
+    def work(self, data: st.DataObject, calls: int) -> None:
+        """Up to ``calls`` stage calls, each on a task with rows ready: a batch is leased and
+        finished at once, or left in flight (finished or given back by a later rule)."""
+        for _ in range(calls):
+            ready = self._ready()
+            if not ready:
+                return
+            task, part = data.draw(st.sampled_from(ready))
+            n = data.draw(st.integers(1, 3))
+            leased = self.idx._tasks[task].leased  # less what a loss took back meanwhile
+            held = {r for rows, _ in self.leases[task] for r in rows if r in leased}
+            b = self.idx.try_get_batch(task, n, partition=part, at_least=1)
+            assert b is not None
+            assert not held & set(b.rows), "a row was handed out twice"
+            # An older call holding these rows is stale. (The index cannot tell its complete()
+            # from the new call's: both name the same rows. Not modelled here.)
+            self.leases[task] = [
+                ([r for r in rows if r not in b.rows], s) for rows, s in self.leases[task]
+            ]
+            if task in FINAL:
+                assert not set(self.trained[task]) & set(b.rows), f"{task} got a trained row"
+                assert all(m["step"] == part for m in b.meta), "a row of another step"
+            if PPO_TASKS[task][2]:
+                for g in set(b.groups):
+                    mine = sorted(r for r, gg in zip(b.rows, b.groups) if gg == g)
+                    assert mine == sorted(r for r in self.idx.group_rows(g) if r in self.idx)
+            slot = data.draw(st.integers(0, 2))
+            if data.draw(st.booleans()):
+                self._finish(task, b.rows, self._unit(slot))
+            else:
+                self.leases[task].append((b.rows, slot))
+
+    @precondition(lambda self: any(self.leases.values()))
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
+        rows, slot = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
+        self._finish(task, rows, self._unit(slot))
+
+    @precondition(lambda self: any(self.leases.values()))
+    @rule(data=st.data())
+    def consumer_died(self, data: st.DataObject) -> None:
+        task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
+        rows, _ = self.leases[task].pop()
+        self.idx.requeue(task, rows, only_leased=True)
+
+    @rule(slot=st.integers(0, 2))
+    def worker_died(self, slot: int) -> None:
+        self.idx.mark_unit_lost(self._unit(slot))
+        self.generation[slot] += 1  # its replacement stores under a new unit name
+
+    @rule(data=st.data())
+    def regenerate(self, data: st.DataObject) -> None:
+        groups = sorted({self.idx._rows[r].group for r in self.idx._rows})
+        if not groups:
+            return
+        members = [
+            r for r in self.idx.group_rows(data.draw(st.sampled_from(groups))) if r in self.idx
+        ]
+        self.idx.invalidate(members, PPO_TASKS["rollout"][1])
+
+    @rule()
+    def controller_restarted(self) -> None:
+        state = json.loads(json.dumps(self.idx.snapshot()))
+        self.idx = self._new_index(state)
+        self.leases = {t: [] for t in PPO_TASKS}  # the old run's consumers are gone
+        for unit in list(self.idx.resident_units()):
+            if unit != "dataset":
+                self.idx.mark_unit_lost(unit)
+
+    @invariant()
+    def consistent(self) -> None:
+        for rid in self.released:
+            assert rid not in self.idx._rows
+        assert self.admitted == self.released | set(self.idx._rows)
+        for task in FINAL:
+            assert len(self.trained[task]) == len(set(self.trained[task])), f"{task} twice"
+        tasks = self.idx._tasks.values()
+        for rid, row in self.idx._rows.items():
+            assert row.acked_by == sum(rid in t.consumed for t in tasks)
+            assert row.acked_by < len(PPO_TASKS), "every task consumed it, yet it is kept"
+        for t in tasks:
+            assert not set(t.leased) & t.consumed
+
+    def teardown(self) -> None:
+        for task, leases in self.leases.items():
+            for rows, _ in leases:
+                self.idx.requeue(task, rows, only_leased=True)
+        for _ in range(200):
+            moved = False
+            for task, (_, _, _, partition) in PPO_TASKS.items():
+                for step in STEPS if partition else (None,):
+                    b = self.idx.try_get_batch(task, 4, partition=step, at_least=1)
+                    if b is not None:
+                        moved = True
+                        self._finish(task, b.rows, "drain")
+            if not moved:
+                break
+        for task in FINAL:
+            assert sorted(self.trained[task]) == sorted(self.admitted), f"{task}: not once each"
+        assert len(self.idx) == 0, "rows kept after both trainers had them"
+        assert self.released == self.admitted
+
+
+TestPPOIndexMachine = PPOIndexMachine.TestCase
+TestPPOIndexMachine.settings = settings(max_examples=500, stateful_step_count=50, deadline=None)
