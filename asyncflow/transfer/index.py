@@ -85,7 +85,8 @@ class _Task:
     policy: str
     partition: str | None = None  # row-meta key that splits the ready queue (e.g. "step")
     queues: dict[Any, _Queue] = field(default_factory=dict)
-    leased: set[int] = field(default_factory=set)  # row ids handed out, not acked
+    # row ids handed out, not acked -> the index's count of lost units when handed out
+    leased: dict[int, int] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)  # row ids acked
     required: frozenset[str] = frozenset()
 
@@ -157,6 +158,9 @@ class SampleIndex:
         self._touched: list[tuple[_Task, _Queue]] = []  # queues with waiters that got items
         self.released_rows = 0
         self.lost_fields = 0
+        self._losses = 0  # units marked lost so far
+        self._lost_at: dict[str, int] = {}  # unit -> value of _losses when it was last lost
+        self._lost: set[str] = set()  # units lost and not back (see unit_back)
 
     # ------------------------------------------------------------------ set-up
     def register_task(
@@ -229,12 +233,27 @@ class SampleIndex:
         shapes: Sequence[Sequence[int]] | Sequence[int] | None = None,
         dtype: str = "float32",
         version: int = -1,
-    ) -> None:
+    ) -> list[int]:
         """Record that ``column`` of ``rows`` is ready at storage unit ``unit``.
 
         ``shapes`` is one shape per row (ragged data), or one shape for all. Never awaits.
+        A unit marked lost (and not back, see :meth:`unit_back`) holds nothing: its rows are
+        skipped and returned, the column stays not ready for them.
         """
-        per_row = _per_row_shapes(shapes, len(rows))
+        if unit in self._lost:
+            return list(rows)
+        self._mark_ready(rows, column, unit, _per_row_shapes(shapes, len(rows)), dtype, version)
+        return []
+
+    def _mark_ready(
+        self,
+        rows: Sequence[int],
+        column: str,
+        unit: str,
+        per_row: list[tuple[int, ...]],
+        dtype: str,
+        version: int,
+    ) -> None:
         unit_rows = self._unit_rows.setdefault(unit, {})
         tasks = self._by_column.get(column, ())
         for i, rid in enumerate(rows):
@@ -309,7 +328,7 @@ class SampleIndex:
         for rid in rows:
             if rid not in t.leased:
                 raise ValueError(f"row {rid} is not leased to task {task!r}")
-            t.leased.discard(rid)
+            del t.leased[rid]
             t.consumed.add(rid)
             row = self._rows[rid]
             row.acked_by += 1
@@ -326,26 +345,39 @@ class SampleIndex:
     ) -> list[int]:
         """A task finished ``rows``: mark what it produced ready and ack them, atomically.
 
-        ``produced`` maps column -> (unit, shapes, dtype, version). Rows no longer leased to the
-        task (their inputs were lost and invalidated meanwhile) are skipped and returned, so
-        stale results never enter the index.
+        ``produced`` maps column -> (unit, shapes, dtype, version). Stale results never enter
+        the index; their rows are skipped and returned:
+
+        - rows no longer leased to the task (their inputs were lost and invalidated meanwhile);
+        - rows whose results went to a unit marked lost after they were leased (the worker
+          replied, then died before this call): nothing was produced, the rows are given back
+          to the task (whole groups, for a group task) to be computed again. A unit lost before
+          they were leased is back under the same name (a restarted attached worker, a resumed
+          run's workers): results there are accepted.
         """
         t = self._task(task)
-        live = [i for i, r in enumerate(rows) if r in t.leased]
-        stale = [r for r in rows if r not in t.leased]
+        dead = {u: self._lost_at[u] for u, *_ in produced.values() if u in self._lost_at}
+        redo = {
+            r
+            for r in rows
+            if (leased := t.leased.get(r)) is not None and any(a > leased for a in dead.values())
+        }
+        if redo and t.groups:
+            gids = {self._rows[r].group for r in redo}
+            redo |= {r for r in rows if r in t.leased and self._rows[r].group in gids}
+        live = [i for i, r in enumerate(rows) if r in t.leased and r not in redo]
         live_rows = [rows[i] for i in live]
         for col, (unit, shapes, dtype, version) in produced.items():
             per_row = _per_row_shapes(shapes, len(rows))
-            self.mark_ready(
-                live_rows,
-                col,
-                unit,
-                shapes=[per_row[i] for i in live],
-                dtype=dtype,
-                version=version,
-            )
+            self._mark_ready(live_rows, col, unit, [per_row[i] for i in live], dtype, version)
+            if live_rows:
+                self._lost.discard(unit)  # a call leased after its loss wrote there: it is back
+            for r in redo:
+                self._rows[r].stale_units.add(unit)  # anything written there: freed with the row
         self.ack(task, live_rows)
-        return stale
+        if redo:
+            self._unlease(t, [r for r in rows if r in redo])
+        return [r for r in rows if r not in live_rows]
 
     def requeue(self, task: str, rows: Iterable[int], *, only_leased: bool = False) -> None:
         """Give leased rows back to ``task`` (its consumer failed); they become ready again.
@@ -368,7 +400,13 @@ class SampleIndex:
         consume and produce them) are dropped, and the tasks that produce or consume those
         columns forget the row, so it flows through them again from its surviving inputs.
         Superseded copies on other units are freed with the row (through ``on_release``).
+
+        The unit is remembered: results written there by calls leased before now (a worker
+        that replied, then died) are not produced (see :meth:`complete`).
         """
+        self._losses += 1
+        self._lost_at[unit] = self._losses
+        self._lost.add(unit)
         held = self._unit_rows.pop(unit, {})
         lost: dict[str, list[int]] = {}
         dropped: list[tuple[int, _Row, set[str]]] = []
@@ -388,6 +426,13 @@ class SampleIndex:
             self._invalidate(rid, row, gone)
         self._wake_touched()
         return lost
+
+    def unit_back(self, unit: str) -> None:
+        """A worker stores under a lost ``unit``'s name again (an attached worker restarted by
+        its orchestrator keeps its unit name): :meth:`mark_ready` accepts the name again.
+        (:meth:`complete` needs no call: it accepts results there of rows leased after the
+        loss, and keeps refusing those of rows leased before it.)"""
+        self._lost.discard(unit)
 
     def invalidate(self, rows: Sequence[int], columns: Sequence[str]) -> None:
         """Throw away ``columns`` of ``rows`` (e.g. responses whose reward failed under the
@@ -451,7 +496,7 @@ class SampleIndex:
                     # for the recomputed fields like any other). A producer whose inputs are
                     # intact finishes its call as usual.
                     continue
-                t.leased.discard(rid)  # its result would derive from the dropped data
+                del t.leased[rid]  # its result would derive from the dropped data
             else:
                 continue
             self._maybe_ready(t, rid, row)
@@ -466,7 +511,7 @@ class SampleIndex:
             if sib is None or sid == rid:
                 continue
             if sid in t.leased:
-                t.leased.discard(sid)
+                del t.leased[sid]
                 self._maybe_ready(t, sid, sib)
             elif sid in t.consumed:
                 gone = {c for c in t.produces if c in sib.fields}
@@ -583,7 +628,7 @@ class SampleIndex:
                 idx._rows[rid].acked_by += 1
         for rid_s, r in state["rows"].items():
             for col, (unit, shape, dtype, ver) in r["fields"].items():
-                idx.mark_ready([int(rid_s)], col, unit, shapes=[shape], dtype=dtype, version=ver)
+                idx._mark_ready([int(rid_s)], col, unit, [tuple(shape)], dtype, ver)
         return idx
 
     # ------------------------------------------------------------------ internals
@@ -703,7 +748,7 @@ class SampleIndex:
 
     def _lease(self, t: _Task, items: list[int]) -> list[int]:
         rows = [r for g in items for r, _ in self._resident(g)] if t.groups else items
-        t.leased.update(rows)
+        t.leased.update(dict.fromkeys(rows, self._losses))
         if t.policy == "balanced":
             rows = _balance(
                 rows,
@@ -718,7 +763,7 @@ class SampleIndex:
             if rid not in t.leased:
                 raise ValueError(f"row {rid} is not leased to task {t.name!r}")
         for rid in rows:
-            t.leased.discard(rid)
+            del t.leased[rid]
         seen: set[int] = set()
         # Requeued rows go to the front (oldest first), keeping their order.
         for rid in reversed(rows):

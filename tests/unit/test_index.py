@@ -358,3 +358,58 @@ async def test_at_least_takes_what_is_ready_up_to_n() -> None:
     assert idx.try_get_batch("reward", 2) is None  # exact batches still wait for n
     rest = idx.try_get_batch("reward", 2, at_least=1)
     assert rest is not None and len(rest.rows) == 1
+
+
+async def test_results_on_a_unit_lost_before_complete_are_not_produced() -> None:
+    """A worker replies and dies; the supervisor marks its unit lost before the controller
+    calls complete(). The fields would point at the dead unit, and every consumer would retry
+    pulling from it until the run failed: they are not produced, the rows go back."""
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 2)
+    b = await idx.get_batch("rollout", 1)
+    idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})
+    scoring = await idx.get_batch("reward", 2)  # the reward worker on unit u2 has them
+    idx.mark_unit_lost("u2")  # it replied, then died
+    stale = idx.complete("reward", scoring.rows, {"reward": ("u2", [], "float32", 0)})
+    assert sorted(stale) == g
+    assert all("reward" not in idx.row_fields(r) for r in g)
+    assert idx.resident_units().get("u2", 0) == 0
+    assert idx.try_get_batch("train", 1) is None
+    again = idx.try_get_batch("reward", 2)  # back for the replacement (unit u2.1)
+    assert again is not None and sorted(again.rows) == g
+    assert idx.complete("reward", again.rows, {"reward": ("u2.1", [], "float32", 0)}) == []
+    train = idx.try_get_batch("train", 1)
+    assert train is not None and {f.unit for f in train.fields["reward"]} == {"u2.1"}
+
+
+async def test_group_results_on_a_lost_unit_send_the_whole_group_back() -> None:
+    idx = grpo_index()
+    (g,) = admit(idx, 1, 3)
+    b = await idx.get_batch("rollout", 1)
+    idx.mark_unit_lost("u1")
+    assert sorted(idx.complete("rollout", b.rows, {"response": ("u1", [3], "int64", 0)})) == g
+    assert idx.resident_units().get("u1", 0) == 0
+    again = idx.try_get_batch("rollout", 1)
+    assert again is not None and sorted(again.rows) == g
+
+
+async def test_a_unit_name_that_comes_back_is_accepted_for_new_calls() -> None:
+    """An attached worker restarted by its orchestrator comes back under the same unit name
+    (and a resumed controller's workers reuse the old run's names): a call leased before the
+    loss is not produced, one leased after it is, and mark_ready() takes the name again once
+    unit_back() says so."""
+    idx = grpo_index()
+    g0, g1 = admit(idx, 2, 1)
+    old = await idx.get_batch("rollout", 1)
+    idx.mark_unit_lost("u1")
+    new = await idx.get_batch("rollout", 1)  # leased after the loss: the new worker's call
+    assert idx.complete("rollout", new.rows, {"response": ("u1", [3], "int64", 0)}) == []
+    assert idx.complete("rollout", old.rows, {"response": ("u1", [3], "int64", 0)}) == old.rows
+    assert idx.row_fields(new.rows[0])["response"].unit == "u1"
+    assert "response" not in idx.row_fields(old.rows[0])
+    idx.mark_unit_lost("u3")
+    assert idx.mark_ready(g0, "reward", "u3") == g0  # skipped: u3 is lost
+    assert "reward" not in idx.row_fields(g0[0])
+    idx.unit_back("u3")
+    assert idx.mark_ready(g0 + g1, "reward", "u3") == []
+    assert idx.row_fields(g0[0])["reward"].unit == "u3"

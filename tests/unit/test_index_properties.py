@@ -132,19 +132,22 @@ STEPS = (0, 1, 2)
 
 class PPOIndexMachine(RuleBasedStateMachine):
     """PPO's graph: two final consumers (actor and critic) of step partitions, several workers
-    whose storage units die (a replacement gets a new unit name), regenerated groups, and a
+    whose storage units die (a replacement gets a new unit name; a re-attached worker keeps
+    it) -- possibly after replying to a call not yet completed --, regenerated groups, and a
     controller restart (snapshot, restore, every worker's unit lost). Each trainer trains each
-    admitted row exactly once, and every row is released once both have."""
+    admitted row exactly once, every row is released once both have, and no field points at a
+    dead unit."""
 
     def __init__(self) -> None:
         super().__init__()
         self.released: set[int] = set()
         self.idx = self._new_index()
         self.admitted: set[int] = set()
-        # task -> in-flight leases: (rows, worker slot that took them)
-        self.leases: dict[str, list[tuple[list[int], int]]] = {t: [] for t in PPO_TASKS}
+        # task -> in-flight calls: (rows, storage unit of the worker that took them)
+        self.leases: dict[str, list[tuple[list[int], str]]] = {t: [] for t in PPO_TASKS}
         self.trained: dict[str, list[int]] = {t: [] for t in FINAL}
         self.generation = [0, 0, 0]  # worker slot -> replacements so far (its unit's name)
+        self.dead: set[str] = set()  # units lost for good (their worker was replaced)
 
     def _new_index(self, state: dict[str, object] | None = None) -> SampleIndex:
         if state is not None:
@@ -212,18 +215,18 @@ class PPOIndexMachine(RuleBasedStateMachine):
                 for g in set(b.groups):
                     mine = sorted(r for r, gg in zip(b.rows, b.groups) if gg == g)
                     assert mine == sorted(r for r in self.idx.group_rows(g) if r in self.idx)
-            slot = data.draw(st.integers(0, 2))
+            unit = self._unit(data.draw(st.integers(0, 2)))
             if data.draw(st.booleans()):
-                self._finish(task, b.rows, self._unit(slot))
+                self._finish(task, b.rows, unit)
             else:
-                self.leases[task].append((b.rows, slot))
+                self.leases[task].append((b.rows, unit))
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
         task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
-        rows, slot = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
-        self._finish(task, rows, self._unit(slot))
+        rows, unit = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
+        self._finish(task, rows, unit)  # its worker may have died since it replied
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
@@ -234,8 +237,14 @@ class PPOIndexMachine(RuleBasedStateMachine):
 
     @rule(slot=st.integers(0, 2))
     def worker_died(self, slot: int) -> None:
+        self.dead.add(self._unit(slot))
         self.idx.mark_unit_lost(self._unit(slot))
         self.generation[slot] += 1  # its replacement stores under a new unit name
+
+    @rule(slot=st.integers(0, 2))
+    def worker_reattached(self, slot: int) -> None:
+        """An attached worker restarted by its orchestrator: same unit name, data gone."""
+        self.idx.mark_unit_lost(self._unit(slot))
 
     @rule(data=st.data())
     def regenerate(self, data: st.DataObject) -> None:
@@ -269,6 +278,9 @@ class PPOIndexMachine(RuleBasedStateMachine):
             assert row.acked_by < len(PPO_TASKS), "every task consumed it, yet it is kept"
         for t in tasks:
             assert not set(t.leased) & t.consumed
+        for row in self.idx._rows.values():
+            assert not {f.unit for f in row.fields.values()} & self.dead, "data on a dead unit"
+        assert not any(self.idx.resident_units().get(u) for u in self.dead)
 
     def teardown(self) -> None:
         for task, leases in self.leases.items():
