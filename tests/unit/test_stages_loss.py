@@ -23,6 +23,25 @@ from asyncflow.controller.stages import Pipeline, register_tasks, stage_specs
 from asyncflow.transfer.index import SampleIndex
 
 
+async def one_group(cfg: Any, scored: bool) -> tuple[SampleIndex, list[int]]:
+    """An index with one group of two samples of step 0, generated (on "rollout0") and, when
+    ``scored``, rewarded (on "reward0")."""
+    index = SampleIndex()
+    register_tasks(index, cfg)
+    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
+    index.mark_ready(rows, "prompt", "dataset")
+    b = await index.get_batch("rollout", 1)
+    ragged = ("rollout0", [[3], [4]], "int64", 0)
+    index.complete(
+        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
+    )
+    if scored:
+        b = await index.get_batch("reward", 1)
+        scalar = ("reward0", [[], []], "float32", -1)
+        index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
+    return index, rows
+
+
 class FakeReward:
     """Stands for the reward worker's HTTP handle: answers score_groups for any batch."""
 
@@ -41,18 +60,7 @@ class FakeReward:
 
 async def test_rescoring_the_last_use_of_trained_rows_releases_them(tmp_path: Path) -> None:
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "algorithm.samples_per_prompt=2"])
-    index = SampleIndex()
-    register_tasks(index, cfg)
-    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
-    index.mark_ready(rows, "prompt", "dataset")
-    b = await index.get_batch("rollout", 1)
-    ragged = ("rollout0", [[3], [4]], "int64", 0)
-    index.complete(
-        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
-    )
-    b = await index.get_batch("reward", 1)
-    scalar = ("reward0", [[], []], "float32", -1)
-    index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
+    index, rows = await one_group(cfg, scored=True)
     train = await index.get_batch("train", 1, partition=0)  # the trainer holds the step
     index.mark_unit_lost("reward0")  # the reward worker dies: the rows go back to reward
     index.ack("train", train.rows)  # the step commits with what the trainer had pulled
@@ -99,18 +107,7 @@ async def test_a_failed_checkpoint_is_retried_without_a_second_optimizer_step(
             "algorithm.micro_batch_groups=1",
         ],
     )
-    index = SampleIndex()
-    register_tasks(index, cfg)
-    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
-    index.mark_ready(rows, "prompt", "dataset")
-    b = await index.get_batch("rollout", 1)
-    ragged = ("rollout0", [[3], [4]], "int64", 0)
-    index.complete(
-        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
-    )
-    b = await index.get_batch("reward", 1)
-    scalar = ("reward0", [[], []], "float32", -1)
-    index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
+    index, rows = await one_group(cfg, scored=True)
 
     actor = FakeActor()
     commits: list[int] = []
@@ -161,17 +158,9 @@ async def test_a_regenerated_group_never_reaches_a_waiting_trainer(tmp_path: Pat
             "reward.on_failure=regenerate",
         ],
     )
-    index = SampleIndex()
-    register_tasks(index, cfg)
-    rows = index.add_group(2, [{"index": 0, "step": 0, "sample": j} for j in range(2)])
-    index.mark_ready(rows, "prompt", "dataset")
+    index, rows = await one_group(cfg, scored=False)
     trainer = asyncio.ensure_future(index.get_batch("train", 1, partition=0))
     await asyncio.sleep(0)
-    b = await index.get_batch("rollout", 1)
-    ragged = ("rollout0", [[3], [4]], "int64", 0)
-    index.complete(
-        "rollout", b.rows, {c: ragged for c in ("prompt_ids", "response_ids", "rollout_logprobs")}
-    )
     log = RunLog(tmp_path / "run")
     pipe = Pipeline(cfg, index, {}, None, log)  # type: ignore[arg-type]
     spec = next(s for s in stage_specs(cfg) if s.task == "reward")
