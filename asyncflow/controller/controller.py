@@ -33,14 +33,6 @@ from urllib.parse import urlsplit
 from asyncflow.config import Config, ConfigError, from_tree
 from asyncflow.controller.exporter import MetricsExporter
 from asyncflow.controller.loader import PromptLoader
-from asyncflow.controller.metrics import (
-    RunLog,
-    StepStats,
-    busy_by_worker,
-    mean,
-    recorded_steps,
-    recovered_step_record,
-)
 from asyncflow.controller.pool import WorkerError, WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
 from asyncflow.controller.settings import role_settings
@@ -54,6 +46,14 @@ from asyncflow.controller.stages import (
 from asyncflow.controller.supervisor import Supervisor
 from asyncflow.report import write_report
 from asyncflow.report.tensorboard import TensorBoardWriter
+from asyncflow.runlog import (
+    RunLog,
+    StepStats,
+    busy_by_worker,
+    mean,
+    recorded_steps,
+    recovered_step_record,
+)
 from asyncflow.tasks.sources import eval_source, resolve_model, reward_spec, train_source
 from asyncflow.transfer.index import SampleIndex
 

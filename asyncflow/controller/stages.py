@@ -43,8 +43,8 @@ from typing import Any
 
 from asyncflow.config import Config
 from asyncflow.controller.loader import PromptLoader
-from asyncflow.controller.metrics import RunLog, Span, StepStats
 from asyncflow.controller.pool import WorkerError, WorkerHandle
+from asyncflow.runlog import RunLog, Span, StepStats
 from asyncflow.transfer.client import TransferError
 from asyncflow.transfer.index import BatchMeta, SampleIndex
 

@@ -1,7 +1,7 @@
 """asyncflow.report: what a finished run looks like, from its run directory alone.
 
 Reads ``metrics.jsonl``, ``samples.jsonl``, ``spans.jsonl`` and ``config.json`` (written by
-``asyncflow.controller.metrics.RunLog``) and writes ``RUN_DIR/report/``:
+``asyncflow.runlog.RunLog``) and writes ``RUN_DIR/report/``:
 
 - ``trace.json``: Chrome/Perfetto trace of every span (:mod:`asyncflow.report.trace`);
 - ``idle.md`` / ``idle.json``: per-worker busy / waiting-for-data / waiting-for-weights

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyncflow.controller.metrics import Span
+from asyncflow.runlog import Span
 
 __all__ = ["Run", "Span", "load_run", "training_window"]
 

@@ -11,8 +11,8 @@ import pytest
 
 from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller, _all_or_none, _first_failure
-from asyncflow.controller.metrics import RunLog
 from asyncflow.controller.progress import Progress
+from asyncflow.runlog import RunLog
 
 
 class SyncFails:

@@ -18,8 +18,8 @@ import pytest
 
 from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller
-from asyncflow.controller.metrics import RunLog
 from asyncflow.controller.supervisor import Supervisor
+from asyncflow.runlog import RunLog
 from asyncflow.transfer.index import SampleIndex
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from asyncflow.config import load_config
-from asyncflow.controller.metrics import RunLog
 from asyncflow.controller.stages import Pipeline, register_tasks, stage_specs
+from asyncflow.runlog import RunLog
 from asyncflow.transfer.index import SampleIndex
 
 

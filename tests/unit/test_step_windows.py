@@ -5,7 +5,7 @@ import json
 import random
 from pathlib import Path
 
-from asyncflow.controller.metrics import RunLog, Span, busy_by_worker
+from asyncflow.runlog import RunLog, Span, busy_by_worker
 
 
 def test_busy_counts_overlaps_once_and_clips_to_the_window() -> None:

@@ -59,7 +59,7 @@ def test_a_committed_step_without_a_record_is_recovered_from_its_checkpoint(
     """The controller died after step 2's checkpoint but before step 2's record (written after
     its weight sync): resuming writes a record rebuilt from the checkpoint's sample records,
     and the summary counts it once without inventing its time."""
-    from asyncflow.controller.metrics import recorded_steps, recovered_step_record
+    from asyncflow.runlog import recorded_steps, recovered_step_record
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
     cfg.run_dir.mkdir(parents=True)
