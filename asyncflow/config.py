@@ -140,6 +140,10 @@ class RewardConfig(_Section):
     urls: list[str] = Field(default_factory=list)
     timeout_s: float = Field(5.0, gt=0)
     on_failure: Literal["zero", "regenerate"] = "zero"
+    #: child processes per reward worker that run a user reward function (isolated: a call
+    #: that hangs past ``timeout_s`` or crashes costs its process, never the worker); the
+    #: built-in verifiers run in the worker itself
+    processes: int = Field(2, ge=1)
 
 
 class TrainerConfig(_Section):
@@ -159,8 +163,28 @@ class TrainerConfig(_Section):
     shared_prefix: bool = True
 
 
+class ReferenceConfig(_Section):
+    """The frozen reference model (used when ``algorithm.kl_coef > 0``): it is never trained,
+    so it has no optimizer keys."""
+
+    workers: int = Field(1, ge=1)
+    urls: list[str] = Field(default_factory=list)
+    threads: int | None = None  #: torch threads per reference process (default: torch's)
+
+
+class CriticConfig(TrainerConfig):
+    """The PPO critic: a trainer (the actor's keys, with its own defaults) plus its loss."""
+
+    lr: float = Field(1e-4, gt=0)
+    #: the value loss clips new values to within this distance of the values the critic
+    #: predicted when the samples were scored (PPO's value clipping)
+    value_clip: float = Field(0.2, gt=0)
+
+
 class SyncConfig(_Section):
     bucket_mb: int = Field(128, ge=1)
+    #: the torch.distributed backend of the weight sync. "auto": NCCL when the actor and every
+    #: rollout engine report a CUDA device, gloo otherwise
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(120.0, gt=0)
     port: int = Field(0, ge=0)  #: rendezvous port of the sync group (0: pick a free one)
@@ -172,11 +196,22 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
-class WorkerTimeouts(_Section):
-    start_s: float = Field(600.0, gt=0)
-    request_s: float = Field(600.0, gt=0)
-    heartbeat_s: float = Field(2.0, gt=0)
-    retries: int = Field(2, ge=0)
+class TimeoutConfig(_Section):
+    """How long the controller waits for workers, and how often it tries again."""
+
+    start_s: float = Field(600.0, gt=0)  #: for a worker to start (or come up at its URL)
+    request_s: float = Field(600.0, gt=0)  #: for one request to a worker
+    heartbeat_s: float = Field(2.0, gt=0)  #: between health probes of an attached worker
+    #: failed tries in a row that one stage call, training step, weight sync or evaluation may
+    #: make (one more fails the run); each is followed by a back-off growing to 2 s, time for
+    #: the supervisor to replace a dead worker (the default gives a replacement about a minute)
+    retries: int = Field(32, ge=0)
+
+
+#: keys that were renamed: the old spelling fails naming the new one
+RENAMED = {
+    "workers": "timeouts",
+}
 
 
 class Config(_Section):
@@ -188,11 +223,11 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     actor: TrainerConfig = Field(default_factory=TrainerConfig)
-    critic: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-4))
-    reference: TrainerConfig = Field(default_factory=TrainerConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    workers: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -321,6 +356,12 @@ def _is_text_field(keys: Sequence[str]) -> bool:
 
 
 def from_tree(tree: Mapping[str, Any]) -> Config:
+    for old, new in RENAMED.items():
+        if old in tree:
+            raise ConfigError(
+                f"invalid config:\n  {old}: this section is now called {new!r} "
+                f"(write {new}.KEY, e.g. {new}.start_s=60)"
+            )
     try:
         return Config.model_validate(dict(tree))
     except ValidationError as e:
@@ -345,6 +386,19 @@ def describe(e: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; expected one of {_known_keys(err['loc'])}")
+        else:
+            got = json.dumps(err.get("input"), default=str)[:80]
+            lines.append(f"  {key}: {err['msg']} (got {got})")
+    return "\n".join(lines)
+
+
+def describe_errors(e: ValidationError, title: str) -> str:
+    """A validation error of any model, one line per problem, each naming its dotted key."""
+    lines = [f"invalid {title}:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
         else:
             got = json.dumps(err.get("input"), default=str)[:80]
             lines.append(f"  {key}: {err['msg']} (got {got})")

@@ -55,7 +55,6 @@ class StepStats:
     lags: Counter[int] = field(default_factory=Counter)
     response_tokens: int = 0
     samples: int = 0
-    train: list[dict[str, float]] = field(default_factory=list)
 
 
 class RunLog:
@@ -147,13 +146,6 @@ def busy_by_worker(spans: list[Span], since: float, until: float) -> dict[str, f
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def weighted(train: list[dict[str, float]], key: str) -> float:
-    """Token-weighted mean of a per-micro-batch metric."""
-    pairs = [(m.get("tokens", 1.0), m[key]) for m in train if key in m]
-    w = sum(p[0] for p in pairs)
-    return sum(a * b for a, b in pairs) / w if w else float("nan")
 
 
 def recorded_steps(metrics_path: Path) -> set[int]:

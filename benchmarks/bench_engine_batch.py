@@ -23,8 +23,8 @@ import time
 import torch
 
 from asyncflow.config import load_config
-from asyncflow.controller.settings import role_settings
 from asyncflow.engines.protocols import SamplingConfig
+from asyncflow.roles.settings import RolloutSettings, role_settings
 from asyncflow.tasks.sources import prompt_row, resolve_model, train_source
 from asyncflow.workers.rollout import make_engine
 
@@ -41,13 +41,14 @@ async def measure(groups: int, batches: int, seeded: bool) -> tuple[float, float
     """Mean wall and CPU seconds per batch of ``groups`` x 8, after the warm-up batches."""
     from transformers import AutoTokenizer
 
-    settings = role_settings(load_config(None, []))["rollout"]
-    settings["vllm"] = {**settings.get("vllm", {}), "cpu_threads_bind": "0"}
+    cfg = load_config(None, ["rollout.vllm.cpu_threads_bind=0"])
+    settings = role_settings(cfg)["rollout"]
+    assert isinstance(settings, RolloutSettings)
     os.sched_setaffinity(0, [0])
     torch.set_num_threads(1)
-    model = str(resolve_model(settings["model"]))
+    model = str(resolve_model(settings.model))
     tok = AutoTokenizer.from_pretrained(model)
-    train = train_source(settings.get("data", {}), 0, model)
+    train = train_source(settings.data, 0, model)
     engine = make_engine(settings, model)
     await engine.start()
     rid, walls, cpus = 0, [], []

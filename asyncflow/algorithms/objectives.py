@@ -1,4 +1,4 @@
-"""Loss callables for ``TrainingEngine.train_step``: they bind TrainBatch columns to the losses.
+"""Loss callables for ``TrainingEngine.accumulate``: they bind TrainBatch columns to the losses.
 
 The column names below are the contract between the data plane and the trainer: every per-token
 column is (B, T) float32 aligned to input positions (column ``t`` belongs to token ``x_t``), the

@@ -33,19 +33,26 @@ from urllib.parse import urlsplit
 from asyncflow.config import Config, ConfigError, from_tree
 from asyncflow.controller.exporter import MetricsExporter
 from asyncflow.controller.loader import PromptLoader
+from asyncflow.controller.placement import place
 from asyncflow.controller.pool import WorkerError, WorkerHandle, attach_worker, spawn_worker
 from asyncflow.controller.progress import Progress
-from asyncflow.controller.settings import role_settings
 from asyncflow.controller.stages import (
     Commit,
     Pipeline,
     cancel_all,
     register_tasks,
     stage_specs,
+    tasks_of,
 )
 from asyncflow.controller.supervisor import Supervisor
 from asyncflow.report import write_report
 from asyncflow.report.tensorboard import TensorBoardWriter
+from asyncflow.roles.settings import (
+    DistributedSettings,
+    RoleSettings,
+    RolloutSettings,
+    role_settings,
+)
 from asyncflow.runlog import (
     RunLog,
     StepStats,
@@ -154,8 +161,8 @@ class Controller:
                 self._respawn,
                 self._init_sync,
                 (run_dir / "checkpoints").resolve(),
-                cfg.workers.heartbeat_s,
-                cfg.workers.start_s,
+                cfg.timeouts.heartbeat_s,
+                cfg.timeouts.start_s,
             )
             self.supervisor.watch_all()
             await self._evaluate(first, log)
@@ -185,8 +192,8 @@ class Controller:
         model folder, the reward function's name, the training and evaluation prompts.
         Returns the training prompts (the loader needs their count)."""
         cfg = self.cfg
-        settings = role_settings(cfg)
-        data = settings["rollout"]["data"]
+        rollout = role_settings(cfg)["rollout"]
+        assert isinstance(rollout, RolloutSettings)
         checks: list[tuple[str, Callable[[], Any]]] = [
             ("model.path", lambda: resolve_model(cfg.model.path)),
             ("reward.function", lambda: reward_spec(cfg.reward.function)),
@@ -198,11 +205,11 @@ class Controller:
                 raise ConfigError(f"{key}: {e}") from None
         model_dir = str(resolve_model(cfg.model.path))
         try:
-            source = train_source(data, cfg.run.seed, model_dir)
+            source = train_source(rollout.data, cfg.run.seed, model_dir)
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.source: {e}") from None
         try:
-            eval_source(data, settings["rollout"]["eval"], cfg.run.seed, model_dir)
+            eval_source(rollout.data, rollout.eval, cfg.run.seed, model_dir)
         except (ValueError, OSError) as e:
             raise ConfigError(f"eval.source: {e}") from None
         return source
@@ -296,21 +303,6 @@ class Controller:
         return self._stop.is_set()
 
     # ------------------------------------------------------------------ workers
-    def _pin(self, settings: dict[str, dict[str, Any]]) -> None:
-        """Rollout on the first half of the cores, trainer roles on the second half."""
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        if not self.cfg.run.pin_cpus or len(cpus) < 2:
-            return
-        half = len(cpus) // 2
-        settings["rollout"]["cpus"] = cpus[:half]
-        if self.cfg.rollout.vllm.cpu_threads_bind is None:
-            settings["rollout"]["vllm"]["cpu_threads_bind"] = ",".join(map(str, cpus[:half]))
-        mine = cpus[half:] if self.cfg.run.cpu_layout == "split" else cpus
-        for role in ("actor", "reference", "critic"):
-            settings[role]["cpus"] = mine
-            if not settings[role].get("threads"):
-                settings[role]["threads"] = len(mine)
-
     def _roles(self) -> dict[str, tuple[int, list[str]]]:
         c = self.cfg
         roles = {
@@ -325,14 +317,16 @@ class Controller:
         return roles
 
     async def _start_workers(self, run_dir: Path) -> None:
-        self._role_settings = role_settings(self.cfg)
-        self._pin(self._role_settings)
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self._role_settings: dict[str, RoleSettings] = place(
+            self.cfg, role_settings(self.cfg), cpus
+        )
         self._dist_ports = {r: free_port(self.cfg.run.host) for r in ("actor", "critic")}
         token = self.cfg.run.token or ""
         jobs: list[tuple[str, Any]] = []
         for role, (n, urls) in self._roles().items():
             if urls:
-                wait_s = self.cfg.workers.start_s
+                wait_s = self.cfg.timeouts.start_s
                 jobs += [
                     (role, attach_worker(role, f"{role}{i}", u, token, wait_s))
                     for i, u in enumerate(urls)
@@ -359,14 +353,15 @@ class Controller:
     async def _spawn_one(self, role: str, i: int, generation: int) -> WorkerHandle:
         """Spawn slot ``i`` of ``role``; a restart (generation > 0) gets a new unit name."""
         n = self._roles()[role][0]
-        s = dict(self._role_settings[role])
+        s = self._role_settings[role]
         if role in ("actor", "critic") and n > 1:
-            s["distributed"] = {
-                "rank": i,
-                "world_size": n,
-                "master_addr": self.cfg.run.host,
-                "master_port": self._dist_ports[role],
-            }
+            rank = DistributedSettings(
+                rank=i,
+                world_size=n,
+                master_addr=self.cfg.run.host,
+                master_port=self._dist_ports[role],
+            )
+            s = s.model_copy(update={"distributed": rank})
         name = f"{role}{i}"
         return await spawn_worker(
             role,
@@ -375,7 +370,7 @@ class Controller:
             s,
             host=self.cfg.run.host,
             log_dir=self.cfg.run_dir / "logs",
-            start_timeout=self.cfg.workers.start_s,
+            start_timeout=self.cfg.timeouts.start_s,
             unit=name if generation == 0 else f"{name}.{generation}",
         )
 
@@ -409,8 +404,10 @@ class Controller:
         rollouts = self.workers["rollout"]
         actor = self.workers["actor"][0]
         backend = self.cfg.sync.backend
-        if backend == "auto":
-            backend = "gloo"  # the CPU build; GPU runs set sync.backend=nccl
+        if backend == "auto":  # NCCL only where every end of the broadcast is on a GPU
+            infos = await asyncio.gather(*(h.get("/v1/info") for h in [actor, *rollouts]))
+            on_gpu = all(str(i.get("device", "cpu")).startswith("cuda") for i in infos)
+            backend = "nccl" if on_gpu else "gloo"
         # The actor's rank 0 hosts the rendezvous: use the address we reach it at. (A port
         # free here may not be free there: multi-host runs set sync.port.)
         host = urlsplit(actor.url).hostname or self.cfg.run.host
@@ -472,9 +469,7 @@ class Controller:
         p = self.pipeline
         assert p is not None
         cfg = self.cfg
-        actor_cols = ["rollout_logprobs", "advantages"]
-        if cfg.algorithm.kl_coef > 0:
-            actor_cols.append("ref_logprobs")
+        training = {t.name: t for t in tasks_of(cfg) if t.trains}
         progress.note("training")
         self._last_step_end = log.now()  # step times start here, after start-up and eval
         # The weight sync after step s (and that step's record) runs in the background while
@@ -486,9 +481,12 @@ class Controller:
         try:
             for step in range(first, cfg.algorithm.steps):
                 commit = self._commit_for(step)
-                jobs = [p.train_step(step, "actor", "train", actor_cols, commit)]
-                if cfg.algorithm.name == "ppo":
-                    jobs.append(p.train_step(step, "critic", "critic_train", ["values", "returns"]))
+                actor = training["train"]
+                jobs = [p.train_step(step, actor.role, actor.name, [*actor.loss_columns], commit)]
+                if (critic := training.get("critic_train")) is not None:
+                    jobs.append(
+                        p.train_step(step, critic.role, critic.name, [*critic.loss_columns])
+                    )
                 # the previous step's sync fails this one at once: at k = 0 the step cannot even
                 # be admitted before that sync, so waiting for its training would wait forever
                 outs = await _first_failure(_all_or_none(jobs), pending)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import BaseModel
 
 
 class WorkerError(RuntimeError):
@@ -124,7 +125,7 @@ async def spawn_worker(
     role: str,
     name: str,
     token: str,
-    settings: Mapping[str, Any] | None = None,
+    settings: BaseModel | Mapping[str, Any] | None = None,
     *,
     host: str = "127.0.0.1",
     env: Mapping[str, str] | None = None,
@@ -147,7 +148,11 @@ async def spawn_worker(
         "--port",
         "0",
         "--settings",
-        json.dumps(dict(settings or {})),
+        (
+            settings.model_dump_json()
+            if isinstance(settings, BaseModel)
+            else json.dumps(dict(settings or {}))
+        ),
     ]
     full_env = {**WORKER_ENV_DEFAULTS, **os.environ, **(env or {}), "ASYNCFLOW_TOKEN": token}
     log_path = None

@@ -44,15 +44,13 @@ from typing import Any
 from asyncflow.config import Config
 from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.pool import WorkerError, WorkerHandle
+from asyncflow.roles.dataflow import Task, dataflow
 from asyncflow.runlog import RunLog, Span, StepStats
 from asyncflow.transfer.client import TransferError
 from asyncflow.transfer.index import BatchMeta, SampleIndex
 
 Commit = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Awaitable[None]]
 
-#: retries beyond ``workers.retries`` that a loop may spend waiting for a dead worker's
-#: replacement (with back-off up to 2 s, about a minute) before the run fails
-MAX_QUIET_RETRIES = 30
 #: a group whose reward failed is regenerated at most this many times, then scored as is
 MAX_REGENERATIONS = 2
 
@@ -71,52 +69,34 @@ class StageSpec:
     batch: int  # rows, or groups for a group task
 
 
+def tasks_of(cfg: Config) -> list[Task]:
+    """The run's dataflow (:mod:`asyncflow.roles.dataflow`)."""
+    return dataflow(cfg.algorithm.name, kl=cfg.algorithm.kl_coef > 0)
+
+
 def register_tasks(index: SampleIndex, cfg: Config) -> None:
     """Declare every consuming task of the algorithm on the index."""
-    alg = cfg.algorithm
-    train_needs = ["prompt_ids", "response_ids", "rollout_logprobs", "advantages"]
-    index.register_task(
-        "rollout", ["prompt"], ["prompt_ids", "response_ids", "rollout_logprobs"], groups=True
-    )
-    if alg.name == "grpo":
-        # rewards and the group-normalised advantages in one call per batch of whole groups
-        index.register_task("reward", ["response_ids"], ["reward", "advantages"], groups=True)
-    else:
-        index.register_task("reward", ["response_ids"], ["reward"])
-        index.register_task("values", ["prompt_ids", "response_ids"], ["values"])
-        index.register_task("gae", ["response_ids", "reward", "values"], ["advantages", "returns"])
+    for t in tasks_of(cfg):
         index.register_task(
-            "critic_train",
-            ["prompt_ids", "response_ids", "values", "returns"],
-            groups=True,
-            partition="step",
+            t.name, list(t.consumes), list(t.produces), groups=t.groups, partition=t.partition
         )
-    if alg.kl_coef > 0:
-        index.register_task("reference", ["prompt_ids", "response_ids"], ["ref_logprobs"])
-        train_needs.append("ref_logprobs")
-    index.register_task("train", train_needs, groups=True, partition="step")
 
 
 def stage_specs(cfg: Config) -> list[StageSpec]:
+    """The stage loops of the run's non-training tasks, with their batch sizes."""
     alg = cfg.algorithm
     n = alg.samples_per_prompt
     whole = not alg.streaming
-    step_groups = alg.prompts_per_step
     rows = cfg.rows_per_step if whole else max(n, alg.micro_batch_groups * n)
     # Streaming: a rollout or reward call carries one trainer micro-batch of groups. One group
     # per call doubled the calls (and the controller's and workers' CPU per step) for no gain:
     # the trainer waits for whole micro-batches anyway.
-    per_call = step_groups if whole else alg.micro_batch_groups
-    specs = [StageSpec("rollout", "rollout", "generate", True, per_call)]
-    if alg.name == "grpo":
-        specs.append(StageSpec("reward", "reward", "score_groups", True, per_call))
-    else:
-        specs.append(StageSpec("reward", "reward", "score", False, rows))
-        specs.append(StageSpec("values", "critic", "values", False, rows))
-        specs.append(StageSpec("gae", "critic", "gae", False, rows))
-    if alg.kl_coef > 0:
-        specs.append(StageSpec("reference", "reference", "ref_logprobs", False, rows))
-    return specs
+    groups = alg.prompts_per_step if whole else alg.micro_batch_groups
+    return [
+        StageSpec(t.name, t.role, t.op, t.groups, groups if t.groups else rows)
+        for t in tasks_of(cfg)
+        if not t.trains
+    ]
 
 
 class Pipeline:
@@ -201,7 +181,7 @@ class Pipeline:
                 await asyncio.sleep(min(0.05 * 2**failures, 2.0))  # back off; replacement due
 
     def _give_back(self, task: str, batch: BatchMeta) -> None:
-        self.index.requeue(task, batch.rows, only_leased=True)
+        self.index.requeue(task, batch.rows, only_leased=True, lease=batch.lease)
 
     def note_failure(self, what: str, error: BaseException, failures: int) -> int:
         failures += 1
@@ -214,7 +194,7 @@ class Pipeline:
                 "time_s": self.log.now(),
             }
         )
-        if failures > self.cfg.workers.retries + MAX_QUIET_RETRIES:
+        if failures > self.cfg.timeouts.retries:
             raise RuntimeError(
                 f"{what}: failed {failures} times in a row; last error: {error}"
             ) from error
@@ -243,7 +223,13 @@ class Pipeline:
             for col, p in out.get("produced", {}).items()
         }
         rows = [batch.rows[i] for i in keep]
-        stale = set(self.index.complete(spec.task, rows, produced)) if rows else set()
+        # only for the lease this call served: a late reply for rows given back (and maybe
+        # handed to another call since) is refused and counted stale
+        stale = (
+            set(self.index.complete(spec.task, rows, produced, lease=batch.lease))
+            if rows
+            else set()
+        )
         stale |= regen
         # a row this call was the last consumer of is released by complete(): nothing to note
         # (e.g. a trained step's rows scored again after the reward worker holding them died)
@@ -319,7 +305,7 @@ class Pipeline:
                 for u in {f.unit for f in col}
                 if u in self.units
             }
-        return await worker.call(f"/v1/work/{op}", body, timeout=self.cfg.workers.request_s)
+        return await worker.call(f"/v1/work/{op}", body, timeout=self.cfg.timeouts.request_s)
 
     # ------------------------------------------------------------------ training
     def loss_context(self) -> dict[str, Any]:
@@ -391,7 +377,7 @@ class Pipeline:
         for w in ranks:
             self.log.span(Span(w.name, f"{task}-step", start, self.log.now(), 0, step, step))
         for b in batches:
-            self.index.ack(task, b.rows)
+            self.index.ack(task, b.rows, lease=b.lease)
         if task == "train":
             self._record_trained(step, records)
             self.trained_version = max(self.trained_version, int(outs[0]["version"]))

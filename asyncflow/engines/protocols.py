@@ -82,7 +82,7 @@ class LossContext:
 
 @runtime_checkable
 class LossFn(Protocol):
-    """The ``loss_fn`` that ``TrainingEngine.train_step`` calls once per micro-batch.
+    """The ``loss_fn`` that ``TrainingEngine.accumulate`` calls once per micro-batch.
 
     ``outputs`` holds the engine's forward results for the micro-batch, (B, T) aligned to
     input positions: ``logprobs`` (and ``entropy`` when the callable has a true attribute
@@ -97,17 +97,33 @@ class LossFn(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+@runtime_checkable
 class TrainingEngine(Protocol):
-    """Computes log-probs of given sequences and applies optimizer steps on a loss."""
+    """Takes optimizer steps on a loss, streamed: a
+    step's micro-batches arrive one at a time (the trainer starts on a step's first
+    micro-batch before its last one is generated), so the step's loss context -- its global
+    counts -- is fixed when it begins (see :class:`LossContext`)."""
 
-    def logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
-        """Per-token log p(x_t | x_<t) aligned to input_ids positions: ``logprobs`` (B, T),
-        position 0 is 0; optionally ``entropy`` (B, T)."""
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken: the policy version of the current weights."""
         ...
 
-    def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: object) -> dict[str, float]:
-        """Forward/backward over micro-batches with gradient accumulation, then one optimizer
-        step. Returns scalar metrics."""
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks (each calls :meth:`finish_step` for every step)."""
+        ...
+
+    def begin_step(self, ctx: LossContext) -> None:
+        """Start an optimizer step: fresh gradients; ``ctx`` is every micro-batch's context."""
+        ...
+
+    def accumulate(self, micro_batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Forward/backward one micro-batch; its gradients add to the step's."""
+        ...
+
+    def finish_step(self) -> dict[str, float]:
+        """Sum gradients over ranks, clip, take the optimizer step; scalar metrics."""
         ...
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]: ...
@@ -115,6 +131,25 @@ class TrainingEngine(Protocol):
     def save(self, path: str) -> None: ...
 
     def load(self, path: str) -> None: ...
+
+
+@runtime_checkable
+class PolicyEngine(TrainingEngine, Protocol):
+    """A language model: the actor (trained) and the reference (never trained)."""
+
+    def logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log p(x_t | x_<t) aligned to input_ids positions: ``logprobs`` (B, T),
+        position 0 is 0; optionally ``entropy`` (B, T)."""
+        ...
+
+
+@runtime_checkable
+class ValueEngine(TrainingEngine, Protocol):
+    """A critic: a training engine that also predicts per-token values."""
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """(B, T) value estimates aligned to input positions."""
+        ...
 
 
 class RewardFunction(Protocol):
@@ -127,9 +162,11 @@ __all__ = [
     "Completion",
     "LossContext",
     "LossFn",
+    "PolicyEngine",
     "RewardFunction",
     "RolloutEngine",
     "SamplingConfig",
     "TrainBatch",
     "TrainingEngine",
+    "ValueEngine",
 ]

@@ -6,8 +6,10 @@ critic do with a local transformers causal-LM folder:
 - per-token log-probs (and entropy) of given sequences in float32, aligned to input positions
   (column ``t`` is ``log p(x_t | x_<t)``, column 0 is 0), computed chunk by chunk as
   ``gather(logits) - logsumexp(logits)`` so the full-vocabulary log-softmax is never stored;
-- ``train_step``: forward/backward per micro-batch with gradient accumulation (DDP ``no_sync``
-  until the last one), grad-norm clipping, AdamW with optional linear warm-up, one step;
+- an optimizer step streamed one micro-batch at a time (``begin_step``, ``accumulate`` per
+  micro-batch as it arrives, ``finish_step``: gradients summed over ranks in one all-reduce,
+  grad-norm clipping, AdamW with optional linear warm-up); ``train_step`` runs the same three
+  over micro-batches that are all at hand;
 - data parallelism over processes with ``torch.distributed`` (gloo on CPU, NCCL on CUDA);
 - ``named_weights`` with the exact Hugging Face state-dict names (what vLLM's ``load_weights``
   takes) and safetensors checkpoints: an ordinary HF folder plus ``optimizer.safetensors`` and
@@ -32,7 +34,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from asyncflow.engines.packing import pack_shared_prompts, packed_token_logprobs
 from asyncflow.engines.protocols import LossContext, LossFn, TrainBatch
@@ -190,7 +191,9 @@ def load_model_weights(module: nn.Module, folder: str | os.PathLike[str], prefix
 
 
 class TorchEngineBase:
-    """What the actor and the critic share: devices, DDP, AdamW, train_step, checkpoints.
+    """What the actor and the critic share: devices, data parallelism, AdamW, the optimizer
+    step, checkpoints. Data-parallel ranks sum their gradients in :meth:`finish_step` (one
+    all-reduce per step, so micro-batches stream in with no communication).
 
     Subclasses build ``self.module`` (the raw, unwrapped ``nn.Module``) in ``_build`` and say
     in ``_outputs`` what one forward returns for a micro-batch.
@@ -220,12 +223,8 @@ class TorchEngineBase:
         self._last_lr = self.current_lr()
         self.module.requires_grad_(trainable)
         self._freeze_unused()
-        self.wrapped: nn.Module = self.module
         self.optimizer: torch.optim.AdamW | None = None
         if trainable:
-            if self.world_size > 1:
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                self.wrapped = DistributedDataParallel(self.module, device_ids=ids)
             self.optimizer = self._make_optimizer()
 
     # --- subclass hooks -------------------------------------------------------------------
@@ -238,7 +237,7 @@ class TorchEngineBase:
         raise NotImplementedError
 
     def _freeze_unused(self) -> None:
-        """Turn off gradients of parameters the forward never uses (DDP requires it)."""
+        """Turn off gradients of parameters the forward never uses (they would never get one)."""
 
     def _save_model(self, path: Path) -> None:
         raise NotImplementedError
@@ -341,51 +340,21 @@ class TorchEngineBase:
         return LossContext(g_tokens, int(g_seqs), self.world_size, self._step)
 
     def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: object) -> dict[str, float]:
-        """Forward/backward every micro-batch (gradients accumulate), then one AdamW step.
-
-        ``loss_fn`` follows :class:`~asyncflow.engines.protocols.LossFn`; each micro-batch's
-        loss is its share of the global-batch loss (the engine passes global counts in the
-        context), so the update equals one on the concatenated global batch. Every rank must
-        pass the same number of micro-batches. Returns ``loss`` (global), ``grad_norm`` (before
-        clipping), ``lr``, ``tokens``, ``sequences``, ``step``, ``skipped`` and the loss
-        function's metrics (token-weighted over micro-batches and ranks).
+        """One optimizer step over micro-batches that are all at hand: the streaming path
+        (:meth:`begin_step`, :meth:`accumulate` per micro-batch, :meth:`finish_step`) with the
+        loss context counted from them (global tokens and sequences over every rank, so the
+        update equals one on the concatenated global batch). Every rank must pass the same
+        number of micro-batches. Returns what :meth:`finish_step` does, plus ``sequences``.
         """
-        if self.optimizer is None:
-            raise RuntimeError("this engine was built with trainable=False")
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
         if not isinstance(loss_fn, LossFn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, batch, ctx)")
         ctx = self._loss_context(micro_batches)
-        needs_entropy = bool(getattr(loss_fn, "needs_entropy", False))
-        entropy_grad = bool(getattr(loss_fn, "entropy_grad", needs_entropy))
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss, records = 0.0, []
-        for i, raw_mb in enumerate(micro_batches):
-            mb = self._to_device(raw_mb)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext()
-            if isinstance(self.wrapped, DistributedDataParallel) and not last:
-                sync = self.wrapped.no_sync()  # type: ignore[assignment]
-            with sync:
-                outputs = self._outputs(self.wrapped, mb, needs_entropy, entropy_grad)
-                loss, metrics = loss_fn(outputs, mb, ctx)
-                # DDP averages gradients over ranks; the loss is already a global share.
-                (loss * self.world_size).backward()
-            total_loss += float(loss.detach().item())
-            records.append((float(mb.loss_mask.sum().item()), metrics))
-        grad_norm, skipped = self._optimizer_step()
-        result = self._reduce_metrics(records)
-        result.update(
-            loss=self._all_reduce([total_loss])[0],
-            grad_norm=grad_norm,
-            lr=self._last_lr,
-            tokens=ctx.global_tokens,
-            sequences=float(ctx.global_sequences),
-            step=float(self._step),
-            skipped=float(skipped),
-        )
-        return result
+        self.begin_step(ctx)
+        for mb in micro_batches:
+            self.accumulate(mb, loss_fn)
+        return {**self.finish_step(), "sequences": float(ctx.global_sequences)}
 
     # --- streaming: micro-batches arrive one by one -----------------------------------------
     def begin_step(self, ctx: LossContext) -> None:
@@ -404,7 +373,7 @@ class TorchEngineBase:
 
     def accumulate(self, micro_batch: TrainBatch, loss_fn: object) -> dict[str, float]:
         """Forward/backward one micro-batch of the step begun by :meth:`begin_step`. Gradients
-        stay local (no DDP communication) until :meth:`finish_step` sums them over ranks."""
+        stay local (no communication) until :meth:`finish_step` sums them over ranks."""
         stream = getattr(self, "_stream", None)
         if stream is None:
             raise RuntimeError("accumulate() before begin_step()")
@@ -499,7 +468,7 @@ class TorchEngineBase:
 
     # --- weights and checkpoints ------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs with the Hugging Face state-dict names (no DDP ``module.``)."""
+        """(name, tensor) pairs with the Hugging Face state-dict names (the raw module's)."""
         for name, tensor in self.module.state_dict().items():
             yield name.removeprefix("module."), tensor.detach()
 

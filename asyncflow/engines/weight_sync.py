@@ -93,10 +93,6 @@ class SyncStats:
     bytes: int
     seconds: float
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / max(self.seconds, 1e-9) / 1e9
-
 
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name.removeprefix("torch."), None)
@@ -389,11 +385,6 @@ class WeightReceiver:
     async def areceive(self) -> WeightUpdate:
         """:meth:`receive` off the event loop."""
         return await asyncio.to_thread(self.receive)
-
-    def receive_all(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Receive a whole update eagerly: ``(version, [(name, tensor), ...])``."""
-        update = self.receive()
-        return update.version, list(update)
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Receive a raw broadcast into ``tensor`` (the sender's :meth:`WeightSender.broadcast`)."""

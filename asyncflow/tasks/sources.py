@@ -7,9 +7,11 @@ controller, the rollout workers and the reward workers must agree on the dataset
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from asyncflow.config import DataConfig, EvalConfig
 from asyncflow.tasks.datasets import PromptRow, PromptSource, load_builtin, load_prompts
 
 BUILTIN_MODELS = ("builtin:tiny-adder",)
@@ -42,20 +44,42 @@ def reward_spec(function: str) -> tuple[str, bool]:
     return function, False
 
 
-def train_source(data: dict[str, Any], seed: int, model_dir: str | None = None) -> PromptSource:
-    """The training prompts named by a ``data`` config section (as a dict).
+def _sections(
+    data: DataConfig | Mapping[str, Any], eval_cfg: EvalConfig | Mapping[str, Any] | None = None
+) -> tuple[DataConfig, EvalConfig, int | None]:
+    """The data and eval sections as the config's models (a plain mapping, as a library user or a
+    test may pass, gets the config tree's defaults), and the prompt token limit if any."""
+    if isinstance(data, Mapping):
+        rest = dict(data)
+        limit = rest.pop("max_prompt_tokens", None)
+        data = DataConfig.model_validate(rest)
+    else:
+        limit = getattr(data, "max_prompt_tokens", None)
+    if not isinstance(eval_cfg, EvalConfig):
+        eval_cfg = EvalConfig.model_validate(dict(eval_cfg or {}))
+    return data, eval_cfg, limit
 
-    With ``data["max_prompt_tokens"]`` and the model folder, prompts longer than that many
-    tokens (they would not fit the engine's ``max_model_len`` with the response) are bad rows:
-    skipped and counted, or an error, per ``on_bad_row`` -- the same in every process."""
-    src = data.get("source", "builtin:arithmetic")
-    if src == "builtin:arithmetic":
-        return load_builtin("train", int(data.get("train_size", 20_000)), seed)
-    return _load_file(src, data, model_dir)
+
+def train_source(
+    data: DataConfig | Mapping[str, Any], seed: int, model_dir: str | None = None
+) -> PromptSource:
+    """The training prompts named by a ``data`` config section.
+
+    With ``max_prompt_tokens`` and the model folder, prompts longer than that many tokens (they
+    would not fit the engine's ``max_model_len`` with the response) are bad rows: skipped and
+    counted, or an error, per ``on_bad_row`` -- the same in every process. The limit is the
+    section's ``max_prompt_tokens`` (:class:`~asyncflow.roles.settings.DataSettings` has one)."""
+    data, _, limit = _sections(data)
+    if data.source == "builtin:arithmetic":
+        return load_builtin("train", data.train_size, seed)
+    return _load_file(data.source, data, model_dir, limit)
 
 
 def eval_source(
-    data: dict[str, Any], eval_cfg: dict[str, Any], seed: int, model_dir: str | None = None
+    data: DataConfig | Mapping[str, Any],
+    eval_cfg: EvalConfig | Mapping[str, Any],
+    seed: int,
+    model_dir: str | None = None,
 ) -> PromptSource:
     """Held-out prompts: the first ``eval.size`` rows of an eval file (all, if it has fewer),
     or ``eval.size`` problems of the built-in task's disjoint eval split.
@@ -63,21 +87,22 @@ def eval_source(
     An eval file's rows get the training rows' rules (:func:`train_source`: the ``data``
     section's fields, character limit, ``on_bad_row``, and with the model folder its token
     limit): a bad row is skipped and recorded in ``skipped``, or an error."""
-    size = int(eval_cfg.get("size", 256))
-    src = eval_cfg.get("source")
-    if src:
-        source = _load_file(src, data, model_dir)
+    data, eval_cfg, limit = _sections(data, eval_cfg)
+    size = eval_cfg.size
+    if eval_cfg.source:
+        source = _load_file(eval_cfg.source, data, model_dir, limit)
         if len(source) <= size:
             return source
         return PromptSource(source.rows[:size], source.name, source.skipped)
-    if data.get("source", "builtin:arithmetic") != "builtin:arithmetic":
+    if data.source != "builtin:arithmetic":
         raise ValueError("eval.source is required when data.source is not the built-in task")
     return load_builtin("eval", size, seed)
 
 
-def _load_file(path: str, data: dict[str, Any], model_dir: str | None) -> PromptSource:
+def _load_file(
+    path: str, data: DataConfig, model_dir: str | None, limit: int | None
+) -> PromptSource:
     """A prompt file, its rows checked by the ``data`` section's rules."""
-    limit = data.get("max_prompt_tokens")
     count = None
     if limit and model_dir is not None:
         from transformers import AutoTokenizer
@@ -86,11 +111,11 @@ def _load_file(path: str, data: dict[str, Any], model_dir: str | None) -> Prompt
         count = lambda text: len(tok.encode(text))  # noqa: E731
     return load_prompts(
         path,
-        data.get("on_bad_row", "skip"),
-        prompt_field=data.get("prompt_field", "prompt"),
-        answer_field=data.get("answer_field", "answer"),
-        max_prompt_chars=int(data.get("max_prompt_chars", 4096)),
-        max_prompt_tokens=int(limit) if count and limit else None,
+        data.on_bad_row,
+        prompt_field=data.prompt_field,
+        answer_field=data.answer_field,
+        max_prompt_chars=data.max_prompt_chars,
+        max_prompt_tokens=limit if count and limit else None,
         count_tokens=count,
     )
 

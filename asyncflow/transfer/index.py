@@ -23,20 +23,19 @@ consumer never delays a producer or a consumer of another task, and nothing poll
 Exactly-once per task: :meth:`get_batch` *leases* rows to a task; :meth:`ack` consumes them;
 :meth:`requeue` (a consumer died, a batch was abandoned) makes them ready again. A row is
 released -- its storage units told to free it -- once every registered task has acked it.
+Each handed-out batch has its own lease id (:attr:`BatchMeta.lease`); given it, ``complete``,
+``ack`` and ``requeue`` act only on rows that lease still holds, so a late reply of an old call
+never counts for rows a newer call holds. Leases are not snapshotted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-Policy = Literal["fifo", "freshest", "balanced"]
-POLICIES: tuple[str, ...] = ("fifo", "freshest", "balanced")
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,6 @@ class _Row:
     group: int
     meta: dict[str, Any]
     fields: dict[str, FieldMeta] = field(default_factory=dict)
-    version: int = -1  # newest policy version among its produced fields
     acked_by: int = 0  # number of tasks that consumed it
     # units holding a superseded copy of some field: freed with the row, not at once -- a
     # free sent now could arrive after the recomputed field is put there again
@@ -70,9 +68,8 @@ class _Group:
 class _Queue:
     """Items (row ids, or group ids for a group task) ready for one task in one partition."""
 
-    ready: deque[int] = field(default_factory=deque)  # fifo / balanced
-    heap: list[tuple[int, int, int]] = field(default_factory=list)  # freshest: (-ver, seq, id)
-    queued: set[int] = field(default_factory=set)  # ids currently in ready/heap (maybe stale)
+    ready: deque[int] = field(default_factory=deque)  # oldest first
+    queued: set[int] = field(default_factory=set)  # ids currently in ready (maybe stale)
     waiters: deque[_Waiter] = field(default_factory=deque)
 
 
@@ -82,13 +79,20 @@ class _Task:
     requires: tuple[str, ...]
     produces: tuple[str, ...]
     groups: bool
-    policy: str
     partition: str | None = None  # row-meta key that splits the ready queue (e.g. "step")
     queues: dict[Any, _Queue] = field(default_factory=dict)
-    # row ids handed out, not acked -> the index's count of lost units when handed out
-    leased: dict[int, int] = field(default_factory=dict)
+    # row ids handed out, not acked -> the lease (handed-out batch) that holds them
+    leased: dict[int, _Lease] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)  # row ids acked
     required: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """One handed-out batch: shared by the rows it holds."""
+
+    id: int  # unique within the index's life; BatchMeta.lease
+    losses: int  # the index's count of lost units when handed out
 
 
 @dataclass(slots=True)
@@ -107,6 +111,7 @@ class BatchMeta:
     groups: list[int]
     fields: dict[str, list[FieldMeta]]  # column -> one FieldMeta per row, in row order
     meta: list[dict[str, Any]]
+    lease: int = -1  # the lease holding the rows (see SampleIndex.complete); -1: none
 
     def by_unit(self, column: str) -> dict[str, list[int]]:
         """Row ids of ``column`` grouped by the storage unit that holds them."""
@@ -125,6 +130,7 @@ class BatchMeta:
                 col: [[f.unit, list(f.shape), f.dtype, f.version] for f in fms]
                 for col, fms in self.fields.items()
             },
+            "lease": self.lease,
         }
 
     @classmethod
@@ -138,6 +144,7 @@ class BatchMeta:
                 col: [FieldMeta(u, tuple(s), d, int(v)) for u, s, d, v in fms]
                 for col, fms in data["fields"].items()
             },
+            lease=int(data.get("lease", -1)),
         )
 
 
@@ -153,7 +160,7 @@ class SampleIndex:
         self._unit_rows: dict[str, dict[int, set[str]]] = {}  # unit -> row -> columns
         self._next_row = 0
         self._next_group = 0
-        self._seq = itertools.count()
+        self._lease_ids = itertools.count()  # BatchMeta.lease of the next batch handed out
         self._on_release = on_release
         self._touched: list[tuple[_Task, _Queue]] = []  # queues with waiters that got items
         self.released_rows = 0
@@ -170,22 +177,20 @@ class SampleIndex:
         produces: Sequence[str] = (),
         *,
         groups: bool = False,
-        policy: Policy = "fifo",
         partition: str | None = None,
     ) -> None:
         """Declare a consuming task: the columns it needs, the columns it produces (lineage, used
-        to recompute lost data), whether it takes whole groups, its choosing policy, and
-        optionally a row-meta key (``partition``) whose value a consumer names to take only
-        rows with that value (the trainer takes only the rows of the step it is training)."""
+        to recompute lost data), whether it takes whole groups, and optionally a row-meta key
+        (``partition``) whose value a consumer names to take only rows with that value (the
+        trainer takes only the rows of the step it is training). Rows (groups) are handed out
+        oldest ready first."""
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not requires:
             raise ValueError(f"task {name!r} must require at least one column")
         if self._rows:
             raise ValueError("register every task before adding rows")
-        task = _Task(name, tuple(requires), tuple(produces), groups, policy, partition)
+        task = _Task(name, tuple(requires), tuple(produces), groups, partition)
         task.required = frozenset(task.requires)
         self._tasks[name] = task
         for col in task.requires:
@@ -265,8 +270,6 @@ class SampleIndex:
                 self._drop_unit_entry(old.unit, rid, column)
                 row.stale_units.add(old.unit)  # its copy there is freed with the row
             row.fields[column] = FieldMeta(unit, per_row[i], dtype, version)
-            if version > row.version:
-                row.version = version
             unit_rows.setdefault(rid, set()).add(column)
             for task in tasks:
                 self._maybe_ready(task, rid, row)
@@ -277,8 +280,9 @@ class SampleIndex:
         self, task: str, n: int, *, partition: Any = None, at_least: int | None = None
     ) -> BatchMeta:
         """Wait for ``n`` rows (or ``n`` whole groups, for a group task) ready for ``task`` (in
-        ``partition``, for a partitioned task) and lease them. Bound the wait with
-        ``asyncio.timeout``; on cancellation or timeout nothing stays leased.
+        ``partition``, for a partitioned task) and lease them, under a fresh lease id
+        (:attr:`BatchMeta.lease`). Bound the wait with ``asyncio.timeout``; on cancellation or
+        timeout nothing stays leased.
 
         With ``at_least`` (``1 <= at_least <= n``) the call returns as soon as that many are
         ready, with every ready one up to ``n``: a streaming stage takes what there is instead of
@@ -291,9 +295,9 @@ class SampleIndex:
         if not 1 <= least <= n:
             raise ValueError(f"at_least must be in [1, {n}], got {at_least}")
         q = self._queue(t, partition)
-        ids = self._try_take(t, q, n, least)
-        if ids is not None:
-            return self._meta(t, ids)
+        batch = self._try_take(t, q, n, least)
+        if batch is not None:
+            return batch
         # The batch's metadata is built when the rows are leased (by the producer's call), so
         # a loss between then and our wake-up only makes the pull fail, never this call.
         fut: asyncio.Future[BatchMeta] = asyncio.get_running_loop().create_future()
@@ -303,7 +307,8 @@ class SampleIndex:
             return await fut
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                rows = [r for r in fut.result().rows if r in t.leased]
+                got = fut.result()
+                rows = [r for r in got.rows if _holds(t, r, got.lease)]
                 self._unlease(t, rows)  # resolved just as we were cancelled
             else:
                 fut.cancel()
@@ -317,12 +322,21 @@ class SampleIndex:
     ) -> BatchMeta | None:
         """Non-waiting form of :meth:`get_batch`: a batch if one is ready now, else None."""
         t = self._task(task)
-        ids = self._try_take(t, self._queue(t, partition), n, n if at_least is None else at_least)
-        return None if ids is None else self._meta(t, ids)
+        return self._try_take(t, self._queue(t, partition), n, n if at_least is None else at_least)
 
-    def ack(self, task: str, rows: Iterable[int]) -> None:
-        """Mark leased rows consumed by ``task``; releases rows every task has consumed."""
+    def ack(self, task: str, rows: Iterable[int], *, lease: int | None = None) -> list[int]:
+        """Mark leased rows consumed by ``task``; releases rows every task has consumed.
+
+        With ``lease`` (a :attr:`BatchMeta.lease`), only rows that lease still holds are acked;
+        the others (given back, leased again to a newer call, or invalidated meanwhile) are
+        left alone and returned. Without it, every row must be leased to ``task``."""
         t = self._task(task)
+        stale: list[int] = []
+        if lease is not None:
+            mine: list[int] = []
+            for rid in rows:
+                (mine if _holds(t, rid, lease) else stale).append(rid)
+            rows = mine
         release: dict[str, list[int]] = {}
         n_tasks = len(self._tasks)
         for rid in rows:
@@ -336,12 +350,15 @@ class SampleIndex:
                 self._release(rid, row, release)
         if release and self._on_release is not None:
             self._on_release(release)
+        return stale
 
     def complete(
         self,
         task: str,
         rows: Sequence[int],
         produced: Mapping[str, tuple[str, Sequence[Sequence[int]] | Sequence[int], str, int]],
+        *,
+        lease: int | None = None,
     ) -> list[int]:
         """A task finished ``rows``: mark what it produced ready and ack them, atomically.
 
@@ -353,43 +370,68 @@ class SampleIndex:
           replied, then died before this call): nothing was produced, the rows are given back
           to the task (whole groups, for a group task) to be computed again. A unit lost before
           they were leased is back under the same name (a restarted attached worker, a resumed
-          run's workers): results there are accepted.
+          run's workers): results there are accepted;
+        - with ``lease`` (the :attr:`BatchMeta.lease` of the call that produced the results):
+          rows that lease no longer holds -- given back, leased again to a newer call (whose
+          results alone count), or invalidated meanwhile. What the old call wrote for them is
+          freed with the row. Without ``lease``, any lease of ``rows`` to the task will do.
         """
         t = self._task(task)
+        held: Mapping[int, _Lease]
+        if lease is None:
+            held = t.leased
+        else:
+            held = {r: hl for r in rows if (hl := t.leased.get(r)) is not None and hl.id == lease}
         dead = {u: self._lost_at[u] for u, *_ in produced.values() if u in self._lost_at}
         redo = {
             r
             for r in rows
-            if (leased := t.leased.get(r)) is not None and any(a > leased for a in dead.values())
+            if (hl := held.get(r)) is not None and any(a > hl.losses for a in dead.values())
         }
         if redo and t.groups:
             gids = {self._rows[r].group for r in redo}
-            redo |= {r for r in rows if r in t.leased and self._rows[r].group in gids}
-        live = [i for i, r in enumerate(rows) if r in t.leased and r not in redo]
+            redo |= {r for r in rows if r in held and self._rows[r].group in gids}
+        live = [i for i, r in enumerate(rows) if r in held and r not in redo]
         live_rows = [rows[i] for i in live]
+        done = set(live_rows)
+        units = {unit for unit, *_ in produced.values()}
         for col, (unit, shapes, dtype, version) in produced.items():
             per_row = _per_row_shapes(shapes, len(rows))
             self._mark_ready(live_rows, col, unit, [per_row[i] for i in live], dtype, version)
             if live_rows:
                 self._lost.discard(unit)  # a call leased after its loss wrote there: it is back
-            for r in redo:
-                self._rows[r].stale_units.add(unit)  # anything written there: freed with the row
+        for r in redo:
+            self._rows[r].stale_units |= units  # anything written there: freed with the row
         self.ack(task, live_rows)
         if redo:
             self._unlease(t, [r for r in rows if r in redo])
-        return [r for r in rows if r not in live_rows]
+        stale = [r for r in rows if r not in done]
+        if lease is not None:
+            for r in stale:  # a superseded call's copies: freed with the row
+                if (row := self._rows.get(r)) is not None:
+                    row.stale_units |= units
+        return stale
 
-    def requeue(self, task: str, rows: Iterable[int], *, only_leased: bool = False) -> None:
+    def requeue(
+        self,
+        task: str,
+        rows: Iterable[int],
+        *,
+        only_leased: bool = False,
+        lease: int | None = None,
+    ) -> None:
         """Give leased rows back to ``task`` (its consumer failed); they become ready again.
-        ``only_leased`` skips rows no longer leased (a loss invalidated them meanwhile)."""
+        ``only_leased`` skips rows no longer leased (a loss invalidated them meanwhile).
+        ``lease`` (a :attr:`BatchMeta.lease`) skips rows that lease no longer holds, whoever
+        holds them now: a stale call never gives back a newer call's rows."""
         t = self._task(task)
-        rows = [r for r in rows if r in t.leased] if only_leased else list(rows)
+        if lease is not None:
+            rows = [r for r in rows if _holds(t, r, lease)]
+        elif only_leased:
+            rows = [r for r in rows if r in t.leased]
+        else:
+            rows = list(rows)
         self._unlease(t, rows)
-
-    def ready_count(self, task: str) -> int:
-        """Rows (or groups) ready and not yet leased for ``task``; O(queue) only for stats."""
-        t = self._task(task)
-        return sum(1 for q in t.queues.values() for i in q.queued if self._valid(t, i))
 
     # ------------------------------------------------------------------ failures
     def mark_unit_lost(self, unit: str) -> dict[str, list[int]]:
@@ -483,7 +525,6 @@ class SampleIndex:
             if fm is not None:
                 self._drop_unit_entry(fm.unit, rid, c)
                 row.stale_units.add(fm.unit)
-        row.version = max((f.version for f in row.fields.values()), default=-1)
         for name in sorted(run):
             t = self._tasks[name]
             if rid in t.consumed:  # a producer whose output is needed again
@@ -573,7 +614,7 @@ class SampleIndex:
                     "requires": list(t.requires),
                     "produces": list(t.produces),
                     "groups": t.groups,
-                    "policy": t.policy,
+                    "policy": "fifo",  # the only order; kept so that older code restores this
                     "partition": t.partition,
                     "consumed": sorted(t.consumed - gone),
                 }
@@ -611,8 +652,7 @@ class SampleIndex:
                 t["requires"],
                 t["produces"],
                 groups=t["groups"],
-                policy=t["policy"],
-                partition=t.get("partition"),
+                partition=t.get("partition"),  # an old snapshot's "policy" is ignored: fifo
             )
         idx._next_row = int(state["next_row"])
         idx._next_group = int(state["next_group"])
@@ -647,14 +687,13 @@ class SampleIndex:
         if not self._row_ready_for(t, rid, row):
             return
         if not t.groups:
-            self._enqueue(t, rid, row.version)
+            self._enqueue(t, rid)
             return
         gid = row.group
         # Count afresh over the group (groups are small): robust to losses and requeues. A
         # released row (every task consumed it) no longer belongs to the group's batches.
-        members = self._resident(gid)
-        if all(self._row_ready_for(t, r, m) for r, m in members):
-            self._enqueue(t, gid, max(m.version for _, m in members))
+        if all(self._row_ready_for(t, r, m) for r, m in self._resident(gid)):
+            self._enqueue(t, gid)
 
     def _resident(self, gid: int) -> list[tuple[int, _Row]]:
         """The group's rows not yet released, with their records."""
@@ -677,15 +716,12 @@ class SampleIndex:
         row = self._resident(item)[0][1] if t.groups else self._rows[item]
         return row.meta.get(t.partition)
 
-    def _enqueue(self, t: _Task, item: int, version: int) -> None:
+    def _enqueue(self, t: _Task, item: int) -> None:
         q = self._queue(t, self._key(t, item))
         if item in q.queued:
             return
         q.queued.add(item)
-        if t.policy == "freshest":
-            heapq.heappush(q.heap, (-version, next(self._seq), item))
-        else:
-            q.ready.append(item)
+        q.ready.append(item)
         if q.waiters:
             self._touched.append((t, q))
 
@@ -697,18 +733,12 @@ class SampleIndex:
         return row is not None and self._row_ready_for(t, item, row)
 
     def _pop(self, t: _Task, q: _Queue) -> int | None:
-        while True:
-            if t.policy == "freshest":
-                if not q.heap:
-                    return None
-                item = heapq.heappop(q.heap)[2]
-            else:
-                if not q.ready:
-                    return None
-                item = q.ready.popleft()
+        while q.ready:
+            item = q.ready.popleft()
             q.queued.discard(item)
             if self._valid(t, item):
                 return item
+        return None
 
     def _take(self, t: _Task, q: _Queue, n: int, at_least: int) -> list[int] | None:
         """Pop up to ``n`` valid items, at least ``at_least``; else put back what was popped
@@ -723,40 +753,22 @@ class SampleIndex:
             items.append(item)
         if len(items) < at_least:
             for it in reversed(items):  # not enough valid ones: put back, in order
-                self._push_front(t, q, it)
+                _push_front(q, it)
             return None
         return items
 
-    def _try_take(self, t: _Task, q: _Queue, n: int, at_least: int) -> list[int] | None:
+    def _try_take(self, t: _Task, q: _Queue, n: int, at_least: int) -> BatchMeta | None:
         if q.waiters:  # first come, first served: don't overtake a waiting consumer
             return None
         items = self._take(t, q, n, at_least)
         return None if items is None else self._lease(t, items)
 
-    def _push_front(self, t: _Task, q: _Queue, item: int) -> None:
-        q.queued.add(item)
-        if t.policy == "freshest":
-            ver = self._item_version(t, item)
-            heapq.heappush(q.heap, (-ver, next(self._seq), item))
-        else:
-            q.ready.appendleft(item)
-
-    def _item_version(self, t: _Task, item: int) -> int:
-        if t.groups:
-            return max(m.version for _, m in self._resident(item))
-        return self._rows[item].version
-
-    def _lease(self, t: _Task, items: list[int]) -> list[int]:
+    def _lease(self, t: _Task, items: list[int]) -> BatchMeta:
+        """Lease ``items`` to ``t`` under a fresh lease id; their batch's metadata."""
         rows = [r for g in items for r, _ in self._resident(g)] if t.groups else items
-        t.leased.update(dict.fromkeys(rows, self._losses))
-        if t.policy == "balanced":
-            rows = _balance(
-                rows,
-                [self._rows[r].meta.get("length", 0) for r in rows],
-                t.groups,
-                [self._rows[r].group for r in rows],
-            )
-        return rows
+        lease = _Lease(next(self._lease_ids), self._losses)
+        t.leased.update(dict.fromkeys(rows, lease))
+        return self._meta(t, rows, lease.id)
 
     def _unlease(self, t: _Task, rows: list[int]) -> None:
         for rid in rows:
@@ -774,7 +786,7 @@ class SampleIndex:
             seen.add(item)
             q = self._queue(t, self._key(t, item))
             if item not in q.queued:
-                self._push_front(t, q, item)
+                _push_front(q, item)
                 self._touched.append((t, q))
         self._wake_touched()
 
@@ -793,14 +805,19 @@ class SampleIndex:
             if items is None:
                 return
             q.waiters.popleft()
-            w.future.set_result(self._meta(t, self._lease(t, items)))
+            w.future.set_result(self._lease(t, items))
 
-    def _meta(self, t: _Task, rows: list[int]) -> BatchMeta:
+    def _meta(self, t: _Task, rows: list[int], lease: int) -> BatchMeta:
         row_objs = list(map(self._rows.__getitem__, rows))
         per_row = [ro.fields for ro in row_objs]
         fields = {c: [f[c] for f in per_row] for c in t.requires}
         return BatchMeta(
-            t.name, rows, [ro.group for ro in row_objs], fields, [ro.meta for ro in row_objs]
+            t.name,
+            rows,
+            [ro.group for ro in row_objs],
+            fields,
+            [ro.meta for ro in row_objs],
+            lease,
         )
 
     def _release(self, rid: int, row: _Row, out: dict[str, list[int]]) -> None:
@@ -841,16 +858,12 @@ def _per_row_shapes(
     return [tuple(s) for s in shapes]  # type: ignore[arg-type]
 
 
-def _balance(rows: list[int], lengths: list[int], groups: bool, gids: list[int]) -> list[int]:
-    """Order rows longest first so that splitting them into contiguous micro-batches later, or
-    dealing them round-robin to data-parallel ranks, spreads tokens evenly. Groups stay
-    together."""
-    if groups:
-        by_group: dict[int, list[int]] = {}
-        tot: dict[int, int] = {}
-        for r, ln, g in zip(rows, lengths, gids):
-            by_group.setdefault(g, []).append(r)
-            tot[g] = tot.get(g, 0) + ln
-        order = sorted(by_group, key=lambda g: -tot[g])
-        return [r for g in order for r in by_group[g]]
-    return [r for _, r in sorted(zip(lengths, rows), key=lambda p: -p[0])]
+def _holds(t: _Task, rid: int, lease: int) -> bool:
+    """Whether lease ``lease`` of task ``t`` still holds row ``rid``."""
+    held = t.leased.get(rid)
+    return held is not None and held.id == lease
+
+
+def _push_front(q: _Queue, item: int) -> None:
+    q.queued.add(item)
+    q.ready.appendleft(item)

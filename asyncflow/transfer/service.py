@@ -276,18 +276,3 @@ def _group_columns(tensors: dict[str, torch.Tensor]) -> dict[str, ColumnData]:
             )
         out[base] = ColumnData(t, lengths.to(torch.int64))
     return out
-
-
-def make_app(unit: StorageUnit, token: str, *, max_body: int = 1 << 30) -> web.Application:
-    """A minimal worker app serving only a storage unit (for tests and benchmarks)."""
-    counters: dict[str, int] = {}
-    app = web.Application(middlewares=[auth_middleware(token, counters)], client_max_size=max_body)
-    app["max_body"] = max_body
-    app["counters"] = counters
-    app.add_routes(storage_routes(unit))
-
-    async def healthz(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"ok": True, "unit": unit.name})
-
-    app.add_routes([web.get("/healthz", healthz)])
-    return app

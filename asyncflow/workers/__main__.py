@@ -24,31 +24,39 @@ import sys
 from typing import Any
 
 from asyncflow.config import Config, ConfigError, load_config
-from asyncflow.controller.settings import role_settings
+from asyncflow.roles.settings import (
+    ActorSettings,
+    CriticSettings,
+    ReferenceSettings,
+    RewardSettings,
+    RoleSettings,
+    RolloutSettings,
+    parse_settings,
+)
 from asyncflow.transfer.storage import StorageUnit
 from asyncflow.workers.server import Role, WorkerServer, detach_stdout
 
 ROLES = ("storage", "rollout", "reward", "reference", "actor", "critic")
 
 
-def make_role(role: str, settings: dict[str, Any]) -> Role:
+def make_role(role: str, settings: RoleSettings | None) -> Role:
     """Build a role by name; engine imports happen here, only for the role that needs them."""
     if role == "storage":
         from asyncflow.workers.storage_role import StorageRole
 
         return StorageRole()
-    if role == "rollout":
+    if isinstance(settings, RolloutSettings):
         from asyncflow.workers.rollout import RolloutRole
 
         return RolloutRole(settings)
-    if role == "reward":
+    if isinstance(settings, RewardSettings):
         from asyncflow.workers.reward import RewardRole
 
         return RewardRole(settings)
-    if role in ("reference", "actor", "critic"):
+    if isinstance(settings, ActorSettings | ReferenceSettings | CriticSettings):
         from asyncflow.workers.trainer import make_trainer_role
 
-        return make_trainer_role(role, settings)
+        return make_trainer_role(settings)
     raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
 
 
@@ -97,34 +105,25 @@ def load_settings(raw: str) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``, recursively for nested objects."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def resolve_settings(args: argparse.Namespace) -> tuple[RoleSettings | None, Config | None]:
+    """The role's typed settings: from the config tree (``--config`` and overrides; the default
+    config without them), then ``--settings`` merged on top, validated.
 
-
-def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Config | None]:
-    """The role's settings: from the config tree if one is given, then ``--settings`` on top.
-
-    Returns the settings and the config (``None`` when neither ``--config`` nor overrides were
-    given: then ``--settings`` alone, as when the controller spawns the worker).
+    Returns the settings (``None`` for a bare storage unit, which has none) and the config
+    (``None`` when neither ``--config`` nor overrides were given: then the JSON alone, as when
+    the controller spawns the worker with complete settings).
     """
     explicit = load_settings(args.settings)
-    if args.config is None and not args.overrides:
-        return explicit, None
-    cfg = load_config(args.config, args.overrides)
-    derived = role_settings(cfg).get(args.role, {})  # storage: nothing to derive
-    return _merge(derived, explicit), cfg
+    cfg = None
+    if args.config is not None or args.overrides:
+        cfg = load_config(args.config, args.overrides)
+    if args.role == "storage":
+        return None, cfg
+    return parse_settings(args.role, explicit, cfg), cfg
 
 
-def pin(settings: dict[str, Any]) -> None:
-    """Restrict this process (and the threads it starts) to ``settings["cpus"]``."""
-    cpus = settings.get("cpus")
+def pin(cpus: list[int] | None) -> None:
+    """Restrict this process (and the threads it starts) to ``cpus``."""
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, [int(c) for c in cpus])
         os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
@@ -146,7 +145,7 @@ async def amain(args: argparse.Namespace) -> None:
     # started (a reward function at import, its scorer processes) never reaches the controller's
     # pipe, which keeps only the ready line
     ready_out = detach_stdout()
-    pin(settings)
+    pin(settings.cpus if settings is not None else None)
     role = make_role(args.role, settings)
     unit = StorageUnit(args.name or f"{args.role}-{os.getpid()}")
     server = WorkerServer(

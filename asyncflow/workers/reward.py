@@ -17,35 +17,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from asyncflow.algorithms.advantages import grpo_advantages
 from asyncflow.rewards.functions import RewardScorer
+from asyncflow.roles.ops import NoParams, Produced, ScoreMetrics, ScoreResult, WorkResult, wire
+from asyncflow.roles.settings import RewardSettings, parse_settings
 from asyncflow.tasks.sources import prompt_row, resolve_model, reward_spec, train_source
-from asyncflow.workers.params import need_batch
-from asyncflow.workers.server import Op, Produced, WorkRequest
+from asyncflow.workers.server import Op, WorkRequest, need_batch
 
 
 class RewardRole:
     name = "reward"
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        self.settings = dict(settings)
-        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
-        self.train = train_source(
-            self.settings.get("data", {}), int(self.settings.get("seed", 0)), self.model_dir
-        )
-        spec, trusted = reward_spec(self.settings.get("function", "builtin:arithmetic"))
+    def __init__(self, settings: RewardSettings | Mapping[str, Any]) -> None:
+        """``settings``: typed, or a (partial) mapping over the default config's."""
+        self.settings = s = cast(RewardSettings, parse_settings("reward", settings))
+        self.model_dir = str(resolve_model(s.model))
+        self.train = train_source(s.data, s.seed, self.model_dir)
+        spec, trusted = reward_spec(s.function)
         self.scorer = RewardScorer(
             spec,
-            timeout_s=float(self.settings.get("timeout_s", 5.0)),
+            timeout_s=s.timeout_s,
             isolate=not trusted,
-            num_workers=int(self.settings.get("processes", 2)),
-            failure_policy=self.settings.get("on_failure", "zero"),
+            num_workers=s.processes,
+            failure_policy=s.on_failure,
         )
-        self.normalize_std = bool(self.settings.get("normalize_std", True))
+        self.normalize_std = s.normalize_std
         self.tokenizer: Any = None
         self.scored = 0
         self.failures = 0
@@ -69,10 +69,10 @@ class RewardRole:
     async def close(self) -> None:
         await self.scorer.aclose()
 
-    async def score(self, req: WorkRequest) -> dict[str, Any]:
-        return (await self._score(req))[1]
+    async def score(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
+        return wire((await self._score(req))[1])
 
-    async def _score(self, req: WorkRequest) -> tuple[torch.Tensor, dict[str, Any]]:
+    async def _score(self, req: WorkRequest[NoParams]) -> tuple[torch.Tensor, ScoreResult]:
         batch = need_batch(req.batch, "score", ["response_ids"])
         cols = await req.client.fetch(batch, ["response_ids"])
         responses = cols["response_ids"].data.split()
@@ -88,26 +88,25 @@ class RewardRole:
         failed = [(rid, (r.error or "")[:300]) for rid, r in zip(batch.rows, results) if r.failed]
         self.scored += len(results)
         self.failures += len(failed)
-        return rewards, {
-            "produced": {"reward": Produced([[]] * len(batch.rows), "float32").to_json()},
-            "metrics": {
-                "rewards": rewards.tolist(),
-                "failed": failed,
-                "n_failed": len(failed),
-            },
-        }
+        metrics = ScoreMetrics.model_construct(
+            rewards=rewards.tolist(), failed=failed, n_failed=len(failed)
+        )
+        produced = {"reward": Produced.of([[]] * len(batch.rows), "float32")}
+        return rewards, ScoreResult.model_construct(produced=produced, metrics=metrics)
 
-    async def score_groups(self, req: WorkRequest) -> dict[str, Any]:
+    async def score_groups(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         """``score`` then ``advantages`` on a batch of whole groups, in one call: what a GRPO
         stage needs, with one round trip per batch instead of two."""
         rewards, out = await self._score(req)
-        out["produced"].update((await self._advantages(req, rewards))["produced"])
-        return out
+        out.produced.update((await self._advantages(req, rewards)).produced)
+        return wire(out)
 
-    async def advantages(self, req: WorkRequest) -> dict[str, Any]:
-        return await self._advantages(req, None)
+    async def advantages(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
+        return wire(await self._advantages(req, None))
 
-    async def _advantages(self, req: WorkRequest, rewards: torch.Tensor | None) -> dict[str, Any]:
+    async def _advantages(
+        self, req: WorkRequest[NoParams], rewards: torch.Tensor | None
+    ) -> WorkResult:
         batch = need_batch(req.batch, "advantages", [] if rewards is not None else ["reward"])
         if rewards is None:
             cols = await req.client.fetch(batch, ["reward"])
@@ -127,4 +126,5 @@ class RewardRole:
                     rewards[ix].view(1, -1), normalize_std=self.normalize_std
                 ).reshape(-1)
         req.unit.put("advantages", batch.rows, adv)
-        return {"produced": {"advantages": Produced([[]] * len(batch.rows), "float32").to_json()}}
+        produced = {"advantages": Produced.of([[]] * len(batch.rows), "float32")}
+        return WorkResult.model_construct(produced=produced)

@@ -21,12 +21,30 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from asyncflow.engines.protocols import Completion, RolloutEngine, SamplingConfig
 from asyncflow.rewards.functions import RewardScorer
+from asyncflow.roles.ops import (
+    EvaluateMetrics,
+    EvaluateParams,
+    EvaluateResult,
+    GenerateMetrics,
+    GenerateParams,
+    GenerateResult,
+    NoParams,
+    OkResult,
+    Produced,
+    RolloutSyncInitParams,
+    Sampling,
+    SamplingOverrides,
+    SyncRecvMetrics,
+    SyncRecvResult,
+    wire,
+)
+from asyncflow.roles.settings import RolloutSettings, parse_settings
 from asyncflow.tasks.sources import (
     eval_source,
     prompt_row,
@@ -35,47 +53,34 @@ from asyncflow.tasks.sources import (
     train_source,
 )
 from asyncflow.transfer.framing import dtype_name
-from asyncflow.transfer.service import BadRequest, id_list
+from asyncflow.transfer.service import BadRequest
 from asyncflow.transfer.storage import ColumnData
-from asyncflow.workers.params import (
-    SYNC_BACKENDS,
-    int_param,
-    need_batch,
-    number_param,
-    object_param,
-    str_param,
-)
-from asyncflow.workers.server import Op, Produced, WorkRequest, log
+from asyncflow.workers.server import Op, WorkRequest, log, need_batch, parse_params
 
 #: how far a regenerated row's sampling seed moves per regeneration (beyond any row id)
 REGEN_SEED_STRIDE = 1 << 40
 
 
-def make_engine(settings: Mapping[str, Any], model_dir: str) -> RolloutEngine:
+def make_engine(settings: RolloutSettings, model_dir: str) -> RolloutEngine:
     """The configured rollout engine, imported only when chosen."""
-    kind = settings.get("engine", "vllm")
-    seed = int(settings.get("seed", 0))
-    max_len = int(settings.get("max_model_len", 128))
-    if kind == "vllm":
+    if settings.engine == "vllm":
         from asyncflow.engines.vllm_engine import VLLMRolloutEngine
 
-        v = settings.get("vllm", {})
+        v = settings.vllm
         return VLLMRolloutEngine(
             model_dir,
-            max_model_len=max_len,
-            dtype=v.get("dtype", "float32"),
-            seed=seed,
-            gpu_memory_utilization=float(v.get("gpu_memory_utilization", 0.25)),
-            cpu_kvcache_space_gib=int(v.get("cpu_kvcache_space_gib", 1)),
-            cpu_threads_bind=v.get("cpu_threads_bind"),
-            enforce_eager=bool(v.get("enforce_eager", False)),
-            max_num_seqs=int(v.get("max_num_seqs", 256)),
+            max_model_len=settings.max_model_len,
+            dtype=v.dtype,
+            seed=settings.seed,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
+            cpu_threads_bind=v.cpu_threads_bind,
+            enforce_eager=v.enforce_eager,
+            max_num_seqs=v.max_num_seqs,
         )
-    if kind == "transformers":
-        from asyncflow.engines.hf_engine import HFRolloutEngine
+    from asyncflow.engines.hf_engine import HFRolloutEngine
 
-        return HFRolloutEngine(model_dir, seed=seed)
-    raise ValueError(f"unknown rollout engine {kind!r}; expected 'vllm' or 'transformers'")
+    return HFRolloutEngine(model_dir, seed=settings.seed)
 
 
 class StepOrder:
@@ -126,28 +131,27 @@ class StepOrder:
 class RolloutRole:
     name = "rollout"
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        self.settings = dict(settings)
-        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
-        seed = int(self.settings.get("seed", 0))
-        self.train = train_source(self.settings.get("data", {}), seed, self.model_dir)
-        self.eval = eval_source(
-            self.settings.get("data", {}), self.settings.get("eval", {}), seed, self.model_dir
-        )
+    def __init__(self, settings: RolloutSettings | Mapping[str, Any]) -> None:
+        """``settings``: typed, or a (partial) mapping over the default config's."""
+        self.settings = s = cast(RolloutSettings, parse_settings("rollout", settings))
+        self.model_dir = str(resolve_model(s.model))
+        self.train = train_source(s.data, s.seed, self.model_dir)
+        self.eval = eval_source(s.data, s.eval, s.seed, self.model_dir)
         if self.eval.skipped:  # the training set's bad rows are reported by the controller
             line, why = self.eval.skipped[0]
             log(
                 f"eval set {self.eval.name}: skipped {len(self.eval.skipped)} bad rows "
                 f"(first: line {line}: {why}); evaluating {len(self.eval)}"
             )
-        self.sampling = self.settings.get("sampling", {})
-        self.engine = make_engine(self.settings, self.model_dir)
+        #: the worker's sampling defaults (a request's ``params.sampling`` goes over them)
+        self.sampling = s.sampling.model_dump()
+        self.engine = make_engine(s, self.model_dir)
         self.tokenizer: Any = None
         self.receiver: Any = None
         self.tokens_out = 0
         self.requests = 0
         self._req = 0
-        self._admission = StepOrder(bool(self.settings.get("step_ordered", True)))
+        self._admission = StepOrder(s.step_ordered)
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -155,10 +159,7 @@ class RolloutRole:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         t0 = time.monotonic()
         await self.engine.start()
-        log(
-            f"rollout engine {self.settings.get('engine', 'vllm')} started in "
-            f"{time.monotonic() - t0:.1f} s"
-        )
+        log(f"rollout engine {self.settings.engine} started in {time.monotonic() - t0:.1f} s")
 
     def ops(self) -> Mapping[str, Op]:
         return {
@@ -171,6 +172,8 @@ class RolloutRole:
     def info(self) -> dict[str, Any]:
         return {
             "policy_version": self.engine.policy_version,
+            # what the weight sync's backend "auto" goes by (NCCL needs every end on CUDA)
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
             "tokens_out": self.tokens_out,
             "requests": self.requests,
         }
@@ -185,19 +188,14 @@ class RolloutRole:
         ids: list[int] = self.tokenizer.encode(prompt)
         return ids
 
-    def _sampling(self, params: Mapping[str, Any], seed: int | None) -> SamplingConfig:
-        """The worker's sampling settings with ``params.sampling`` over them, checked."""
-        s = {**self.sampling, **object_param(params, "sampling", {})}
-        try:
-            return SamplingConfig(
-                max_new_tokens=int_param(s, "max_new_tokens", 32, low=1),
-                temperature=number_param(s, "temperature", 1.0, low=0),
-                top_p=number_param(s, "top_p", 1.0, positive=True, high=1),
-                top_k=int_param(s, "top_k", -1, low=None),
-                seed=seed,
-            )
-        except BadRequest as e:  # name it where the client put it
-            raise BadRequest(str(e).replace("params.", "params.sampling.", 1)) from None
+    def _sampling(self, overrides: SamplingOverrides, *, greedy: bool = False) -> Sampling:
+        """The worker's sampling settings (``greedy``: temperature 0) with the request's
+        ``params.sampling`` over them, checked (a bad setting is named where a client would
+        have put it)."""
+        base = {**self.sampling, **({"temperature": 0.0} if greedy else {})}
+        return parse_params(
+            Sampling, {**base, **overrides.model_dump(exclude_none=True)}, "params.sampling"
+        )
 
     async def _complete(self, prompt_ids: list[int], sampling: SamplingConfig) -> Completion:
         self._req += 1
@@ -208,18 +206,19 @@ class RolloutRole:
             await self.engine.abort(rid)
             raise
 
-    async def generate(self, req: WorkRequest) -> dict[str, Any]:
+    async def generate(self, req: WorkRequest[GenerateParams]) -> dict[str, Any]:
         batch = need_batch(req.batch, "generate")
-        seed = req.params.get("seed")
-        base_seed = None if seed is None else int_param(req.params, "seed", low=None)
+        base_seed = req.params.seed
+        base = self._sampling(req.params.sampling)
         # a row's seed: the run's base + its row id (a recomputed row draws the same sample),
         # moved on for each time its group was regenerated (a failed reward must not be
         # answered with the same response again)
         again = [m.get("regenerated", 0) for m in batch.meta]
         again = [a if type(a) is int and a >= 0 else 0 for a in again]
         sampling = {
-            rid: self._sampling(
-                req.params, None if base_seed is None else base_seed + rid + REGEN_SEED_STRIDE * a
+            rid: SamplingConfig(
+                **base.model_dump(),
+                seed=None if base_seed is None else base_seed + rid + REGEN_SEED_STRIDE * a,
             )
             for rid, a in zip(batch.rows, again)
         }
@@ -249,41 +248,32 @@ class RolloutRole:
         produced = {}
         for name, ts in (("prompt_ids", pids), ("response_ids", resp), ("rollout_logprobs", lps)):
             shapes = req.unit.put(name, batch.rows, _ragged(ts))
-            produced[name] = Produced([list(s) for s in shapes], dtype_name(ts[0].dtype), version)
-        return {
-            "produced": {k: v.to_json() for k, v in produced.items()},
-            "metrics": {
-                "versions": [c.policy_version for c in outs],
-                "response_lengths": [len(c.token_ids) for c in outs],
-                "finish": [c.finish_reason for c in outs],
-            },
-        }
+            produced[name] = Produced.model_construct(
+                shapes=[list(s) for s in shapes], dtype=dtype_name(ts[0].dtype), version=version
+            )
+        metrics = GenerateMetrics.model_construct(
+            versions=[c.policy_version for c in outs],
+            response_lengths=[len(c.token_ids) for c in outs],
+            finish=[c.finish_reason for c in outs],
+        )
+        return wire(GenerateResult.model_construct(produced=produced, metrics=metrics))
 
-    async def evaluate(self, req: WorkRequest) -> dict[str, Any]:
+    async def evaluate(self, req: WorkRequest[EvaluateParams]) -> dict[str, Any]:
         p = req.params
-        indices = p.get("indices")
-        if indices is None:
+        if p.indices is None:
             indices = list(range(len(self.eval)))
         else:
-            indices = id_list(indices, "params.indices")
-            if not indices:
-                raise BadRequest("params.indices must name at least one eval row, got []")
+            indices = p.indices
             if bad := [i for i in indices if i >= len(self.eval)]:
                 raise LookupError(
                     f"params.indices names eval row {bad[0]}; the eval set {self.eval.name} "
                     f"has {len(self.eval)} rows"
                 )
         rows = [self.eval[i] for i in indices]
-        greedy = self._sampling(
-            {"sampling": {"temperature": 0.0, **object_param(p, "sampling", {})}}, None
-        )
+        greedy = SamplingConfig(**self._sampling(p.sampling, greedy=True).model_dump())
         try:  # a bad reward is the request's mistake: refuse it before generating
-            spec, trusted = reward_spec(str_param(p, "reward", "builtin:arithmetic"))
-            scorer = RewardScorer(
-                spec,
-                isolate=not trusted,
-                timeout_s=number_param(p, "timeout_s", 5.0, positive=True),
-            )
+            spec, trusted = reward_spec(p.reward)
+            scorer = RewardScorer(spec, isolate=not trusted, timeout_s=p.timeout_s)
         except BadRequest:
             raise
         except ValueError as e:
@@ -295,54 +285,43 @@ class RolloutRole:
                 *(scorer.score(r.prompt, t, r.answer) for r, t in zip(rows, texts))
             )
         scores = [r.score for r in results]
-        return {
-            "metrics": {
-                "accuracy": sum(s > 0 for s in scores) / max(len(scores), 1),
-                "mean_reward": sum(scores) / max(len(scores), 1),
-                "n": len(scores),
-                "skipped_rows": len(self.eval.skipped),  # bad rows left out of the eval set
-                "version": min(
-                    (c.policy_version for c in outs), default=self.engine.policy_version
-                ),
-                "mean_length": sum(len(c.token_ids) for c in outs) / max(len(outs), 1),
-                "examples": [[r.prompt, t] for r, t in list(zip(rows, texts))[:3]],
-            }
-        }
+        metrics = EvaluateMetrics.model_construct(
+            accuracy=sum(s > 0 for s in scores) / max(len(scores), 1),
+            mean_reward=sum(scores) / max(len(scores), 1),
+            n=len(scores),
+            skipped_rows=len(self.eval.skipped),  # bad rows left out of the eval set
+            version=min((c.policy_version for c in outs), default=self.engine.policy_version),
+            mean_length=sum(len(c.token_ids) for c in outs) / max(len(outs), 1),
+            examples=[(r.prompt, t) for r, t in list(zip(rows, texts))[:3]],
+        )
+        return wire(EvaluateResult.model_construct(metrics=metrics))
 
-    async def sync_init(self, req: WorkRequest) -> dict[str, Any]:
+    async def sync_init(self, req: WorkRequest[RolloutSyncInitParams]) -> dict[str, Any]:
         from asyncflow.engines.weight_sync import WeightReceiver
 
         p = req.params
-        world_size = int_param(p, "world_size", low=2)
-        args = (
-            str_param(p, "host"),
-            int_param(p, "port", low=1, high=65535),
-            int_param(p, "rank", low=1, high=world_size - 1),
-            world_size,
-        )
-        backend = str_param(p, "backend", "gloo", choices=SYNC_BACKENDS)
-        timeout_s = number_param(p, "timeout_s", 120.0, positive=True)
         if self.receiver is not None:  # the group is being formed anew (a worker was replaced)
             self.receiver.close()
-        self.receiver = WeightReceiver(*args, backend=backend, timeout_s=timeout_s)
+        self.receiver = WeightReceiver(
+            p.host, p.port, p.rank, p.world_size, backend=p.backend, timeout_s=p.timeout_s
+        )
         await self.receiver.aconnect()
-        return {"ok": True}
+        return wire(OkResult.model_construct(ok=True))
 
-    async def sync_recv(self, req: WorkRequest) -> dict[str, Any]:
+    async def sync_recv(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         if self.receiver is None:
             raise BadRequest("sync_recv before sync_init")
         t0 = time.monotonic()
         update = await self.receiver.areceive()
         t1 = time.monotonic()
         await self.engine.load_weights(update, update.version)
-        return {
-            "metrics": {
-                "version": update.version,
-                "recv_s": t1 - t0,
-                "total_s": time.monotonic() - t0,
-                "reload": getattr(self.engine, "last_reload", ""),
-            }
-        }
+        metrics = SyncRecvMetrics.model_construct(
+            version=update.version,
+            recv_s=t1 - t0,
+            total_s=time.monotonic() - t0,
+            reload=getattr(self.engine, "last_reload", ""),
+        )
+        return wire(SyncRecvResult.model_construct(metrics=metrics))
 
 
 def _ragged(ts: list[torch.Tensor]) -> ColumnData:

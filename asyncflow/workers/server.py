@@ -7,7 +7,9 @@ A worker is one OS process, one event loop. It serves:
 - ``POST /v1/work/{op}``: the role's operations. The body is JSON: ``{"batch": BatchMeta,
   "units": {unit: url}, "params": {...}}``. The worker pulls the batch's inputs straight from
   the units named, computes, keeps its outputs in its own unit, and answers with their metadata
-  (``{"produced": {column: {"shapes", "dtype", "version"}}, "metrics": {...}}``);
+  (``{"produced": {column: {"shapes", "dtype", "version"}}, "metrics": {...}}``). Each op's
+  params and answer are typed in :mod:`asyncflow.roles.ops` (``OPS``); the params are checked
+  there before the op runs;
 - ``POST /v1/shutdown``.
 
 When ready it prints one JSON line ``{"event": "ready", "url": ..., "unit": ...}`` on stdout;
@@ -24,17 +26,21 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 from aiohttp import web
 from yarl import URL
 
+from asyncflow.roles.ops import MAX_ID as OPS_MAX_ID
+from asyncflow.roles.ops import MAX_IDS as OPS_MAX_IDS
+from asyncflow.roles.ops import OPS, InvalidParams, Params, check
 from asyncflow.transfer.client import READ_BUFSIZE, TransferClient
 from asyncflow.transfer.index import BatchMeta, FieldMeta
 from asyncflow.transfer.service import (
     MAX_ID,
+    MAX_IDS,
     BadRequest,
     auth_middleware,
     id_list,
@@ -43,29 +49,44 @@ from asyncflow.transfer.service import (
 )
 from asyncflow.transfer.storage import StorageUnit
 
-Op = Callable[["WorkRequest"], Awaitable[dict[str, Any]]]
+assert (OPS_MAX_ID, OPS_MAX_IDS) == (MAX_ID, MAX_IDS)  # ops.py keeps its own (no torch there)
+
+P = TypeVar("P", bound=Params)
+Op = Callable[["WorkRequest[Any]"], Awaitable[dict[str, Any]]]
 
 
 @dataclass(slots=True)
-class WorkRequest:
-    """One unit of work handed to a role: the batch to pull and the op's parameters."""
+class WorkRequest(Generic[P]):
+    """One unit of work handed to a role: the batch to pull and the op's parameters, checked
+    against the op's params model (:data:`asyncflow.roles.ops.OPS`)."""
 
     batch: BatchMeta | None
-    params: dict[str, Any]
+    params: P
     client: TransferClient
     unit: StorageUnit
 
 
-@dataclass(slots=True)
-class Produced:
-    """Metadata of a column a role just stored in its unit, as the controller's index wants it."""
+def parse_params(model: type[P], raw: dict[str, Any], prefix: str = "params") -> P:
+    """``raw`` as a ``model``, or a 400 naming the first bad parameter."""
+    try:
+        return check(model, raw, prefix)
+    except InvalidParams as e:
+        raise BadRequest(str(e)) from None
 
-    shapes: list[list[int]]
-    dtype: str
-    version: int = -1
 
-    def to_json(self) -> dict[str, Any]:
-        return {"shapes": self.shapes, "dtype": self.dtype, "version": self.version}
+def need_batch(batch: BatchMeta | None, op: str, columns: Sequence[str] = ()) -> BatchMeta:
+    """The request's batch: present, with at least one row and the ``columns`` the op reads."""
+    if batch is None:
+        raise BadRequest(f"{op} needs a batch")
+    if not batch.rows:
+        raise BadRequest(f"{op} needs a batch of at least one row, got an empty batch")
+    missing = [c for c in columns if c not in batch.fields]
+    if missing:
+        raise BadRequest(
+            f"{op}: the batch has no column {missing[0]!r} (it needs {list(columns)}; "
+            f"it has {sorted(batch.fields)})"
+        )
+    return batch
 
 
 class Role(Protocol):
@@ -119,6 +140,12 @@ class WorkerServer:
 
     async def serve(self) -> None:
         """Start the role, bind, announce readiness, serve until shut down."""
+        unknown = set(self.role.ops()) - set(OPS.get(self.role.name, {}))
+        if unknown:  # every op's params are checked against its model before it runs
+            raise RuntimeError(
+                f"role {self.role.name!r} serves ops with no entry in asyncflow.roles.ops.OPS: "
+                f"{sorted(unknown)}"
+            )
         await self.role.start()
         self._client = TransferClient({}, self.token)
         runner = web.AppRunner(self.app(), access_log=None, read_bufsize=READ_BUFSIZE)
@@ -182,11 +209,13 @@ class WorkerServer:
             raise BadRequest(
                 f"role {self.role.name!r} has no op {op_name!r}; it has {sorted(ops)}", 404
             )
+        # then the op's params, against its model (the op itself checks its batch)
+        checked = parse_params(OPS[self.role.name][op_name].params, params)
         assert self._client is not None
         self._client.units.update(units)
         t0 = time.monotonic()
         try:
-            out = await ops[op_name](WorkRequest(batch, params, self._client, self.unit))
+            out = await ops[op_name](WorkRequest(batch, checked, self._client, self.unit))
         except LookupError as e:  # the request named rows/indices that don't exist
             raise BadRequest(str(e), 404) from None
         finally:
@@ -261,12 +290,16 @@ def _parse_batch(raw: Any) -> BatchMeta | None:
     for what, seq in (("groups", groups), ("meta", meta), *fields.items()):
         if not isinstance(seq, list) or len(seq) != len(rows):
             raise BadRequest(f"batch metadata: {what} needs one entry per row ({len(rows)} rows)")
+    lease = raw.get("lease", -1)
+    if type(lease) is not int or lease < -1:
+        raise BadRequest(f"batch metadata: batch.lease must be an integer >= -1, got {lease!r:.40}")
     return BatchMeta(
         raw["task"],
         rows,
         groups,
         {col: [_field_meta(col, e) for e in entries] for col, entries in fields.items()},
         meta,
+        lease,
     )
 
 

@@ -33,14 +33,38 @@ import asyncio
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from asyncflow.algorithms.advantages import gae_advantages, masked_whiten
 from asyncflow.algorithms.losses import PolicyLossConfig
 from asyncflow.algorithms.objectives import ADVANTAGES, PolicyObjective, ValueObjective
-from asyncflow.engines.protocols import LossContext
+from asyncflow.engines.protocols import LossContext, PolicyEngine, TrainingEngine, ValueEngine
+from asyncflow.roles.ops import (
+    ActorSyncInitParams,
+    CheckpointResult,
+    FinishResult,
+    NoParams,
+    OkResult,
+    PathParams,
+    Produced,
+    StepParams,
+    SyncSendMetrics,
+    SyncSendResult,
+    TrainMicroParams,
+    TrainMicroResult,
+    WorkResult,
+    wire,
+)
+from asyncflow.roles.settings import (
+    ActorSettings,
+    CriticSettings,
+    OptimizedSettings,
+    ReferenceSettings,
+    TrainerSettings,
+    parse_settings,
+)
 from asyncflow.tasks.sources import resolve_model
 from asyncflow.transfer.client import Column
 from asyncflow.transfer.service import BadRequest
@@ -50,57 +74,55 @@ from asyncflow.workers.batches import (
     rows_with_signal,
     select_rows,
 )
-from asyncflow.workers.params import (
-    SYNC_BACKENDS,
-    int_param,
-    need_batch,
-    number_param,
-    str_list_param,
-    str_param,
-)
-from asyncflow.workers.server import Op, Produced, WorkRequest
+from asyncflow.workers.server import Op, WorkRequest, need_batch
 
 
-def _engine_config(settings: Mapping[str, Any]) -> Any:
+def _engine_config(settings: TrainerSettings) -> Any:
+    """The training engine's config: a reference (never trained) takes the engine's own
+    defaults for what only training uses."""
     from asyncflow.engines.torch_trainer import OptimizerConfig, TrainerConfig
 
+    if not isinstance(settings, OptimizedSettings):
+        return TrainerConfig(
+            seed=settings.seed, temperature=settings.temperature, device=settings.device
+        )
     return TrainerConfig(
         optimizer=OptimizerConfig(
-            lr=float(settings.get("lr", 3e-5)),
-            weight_decay=float(settings.get("weight_decay", 0.0)),
-            warmup_steps=int(settings.get("warmup_steps", 0)),
-            max_grad_norm=float(settings.get("max_grad_norm", 1.0)),
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            warmup_steps=settings.warmup_steps,
+            max_grad_norm=settings.max_grad_norm,
         ),
-        seed=int(settings.get("seed", 0)),
-        temperature=float(settings.get("temperature", 1.0)),
-        device=settings.get("device"),
-        mixed_precision=str(settings.get("mixed_precision", "fp32")),
-        shared_prefix=bool(settings.get("shared_prefix", True)),
+        seed=settings.seed,
+        temperature=settings.temperature,
+        device=settings.device,
+        mixed_precision=settings.mixed_precision,
+        shared_prefix=settings.shared_prefix,
     )
 
 
-def _dist_config(settings: Mapping[str, Any]) -> Any:
+def _dist_config(settings: TrainerSettings) -> Any:
     from asyncflow.engines.torch_trainer import DistributedConfig
 
-    d = settings.get("distributed", {})
+    d = settings.distributed
+    if d is None:
+        return DistributedConfig()
     return DistributedConfig(
-        rank=int(d.get("rank", 0)),
-        world_size=int(d.get("world_size", 1)),
-        master_addr=str(d.get("master_addr", "127.0.0.1")),
-        master_port=int(d.get("master_port", 29500)),
+        rank=d.rank, world_size=d.world_size, master_addr=d.master_addr, master_port=d.master_port
     )
 
 
 class TrainerRole:
     """Shared by the three roles: an engine, batch building, per-step accumulation."""
 
-    def __init__(self, role: str, settings: Mapping[str, Any]) -> None:
+    def __init__(self, role: str, settings: TrainerSettings | Mapping[str, Any]) -> None:
+        """``settings``: typed, or a (partial) mapping over the default config's."""
         self.name = role
-        self.settings = dict(settings)
-        self.model_dir = str(resolve_model(self.settings.get("model", "builtin:tiny-adder")))
-        if self.settings.get("threads"):
-            torch.set_num_threads(int(self.settings["threads"]))
-        self.engine: Any = None
+        self.settings: TrainerSettings = cast(TrainerSettings, parse_settings(role, settings))
+        self.model_dir = str(resolve_model(self.settings.model))
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self._engine: TrainingEngine | None = None
         self.sender: Any = None
         self.pad_id = 0
         self._lock = asyncio.Lock()  # one compute at a time; ops queue up in order
@@ -121,7 +143,7 @@ class TrainerRole:
         self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self.engine = await asyncio.to_thread(self._build)
 
-    def _build(self) -> Any:
+    def _build(self) -> TrainingEngine:
         from asyncflow.engines.critic import TorchCriticEngine
         from asyncflow.engines.torch_trainer import TorchTrainingEngine
 
@@ -133,9 +155,22 @@ class TrainerRole:
             trainable=self.name != "reference",
         )
 
+    @property
+    def engine(self) -> TrainingEngine:
+        """The training engine (built by :meth:`start`)."""
+        if self._engine is None:
+            raise RuntimeError(f"the {self.name} role's engine is not started")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: TrainingEngine) -> None:
+        self._engine = engine
+
     def info(self) -> dict[str, Any]:
-        step = self.engine.step if self.engine is not None else 0
-        return {"policy_version": step, "compute_s": self.busy_s}
+        step = self._engine.step if self._engine is not None else 0
+        # the device it trains on: what the weight sync's backend "auto" goes by
+        device = str(getattr(self._engine, "device", "cpu"))
+        return {"policy_version": step, "compute_s": self.busy_s, "device": device}
 
     async def close(self) -> None:
         if self.sender is not None:
@@ -159,12 +194,6 @@ class TrainerRole:
             cols["prompt_ids"], cols["response_ids"], per_token, per_row, self.pad_id
         )
 
-    def _step_params(self, params: Mapping[str, Any]) -> tuple[tuple[int, int], float, int]:
-        """``(step, attempt)``, global tokens and sequences of a ``train_micro``/``finish``."""
-        key = (int_param(params, "step"), int_param(params, "attempt", 0))
-        tokens = number_param(params, "global_tokens", positive=True)
-        return key, tokens, int_param(params, "global_sequences", low=1)
-
     def _refuse_stale(self, key: tuple[int, int]) -> None:
         if self._newest is not None and key < self._newest:
             raise BadRequest(
@@ -184,9 +213,10 @@ class TrainerRole:
             global_tokens, global_sequences, self.engine.world_size, self.engine.step
         )
 
-    async def train_micro(self, req: WorkRequest) -> dict[str, Any]:
-        key, tokens, sequences = self._step_params(req.params)
-        cols = tuple(str_list_param(req.params, "columns", []))
+    async def train_micro(self, req: WorkRequest[TrainMicroParams]) -> dict[str, Any]:
+        p = req.params
+        key, tokens, sequences = p.key, p.global_tokens, p.global_sequences
+        cols = tuple(p.columns)
         self._refuse_stale(key)
         batch, skipped = self._prune(await self._batch(req, "train_micro", cols))
         loss_fn = self._loss_fn()
@@ -205,20 +235,21 @@ class TrainerRole:
             out: dict[str, float] = self.engine.accumulate(batch, loss_fn)
             return {**out, "skipped_rows": float(skipped)}
 
-        return {"metrics": await self._run(work)}
+        return wire(TrainMicroResult.model_construct(metrics=await self._run(work)))
 
-    async def finish(self, req: WorkRequest) -> dict[str, Any]:
-        key, tokens, sequences = self._step_params(req.params)
+    async def finish(self, req: WorkRequest[StepParams]) -> dict[str, Any]:
+        p = req.params
+        key = p.key
         self._refuse_stale(key)
         if self._stream_step != key:  # this rank got no micro-batch: join with zero grads
-            self._begin(key, tokens, sequences)
+            self._begin(key, p.global_tokens, p.global_sequences)
         self._stream_step = None
         async with self._weights_lock:
             metrics = await self._run(self.engine.finish_step)
         trained, skipped = self._rows
         if trained + skipped:
             metrics["trained_rows_frac"] = trained / (trained + skipped)
-        return {"metrics": metrics, "version": self.engine.step}
+        return wire(FinishResult.model_construct(metrics=metrics, version=self.engine.step))
 
     def _prune(self, batch: Any) -> tuple[Any, int]:
         """The rows of a micro-batch worth a forward/backward, and how many were dropped."""
@@ -230,13 +261,13 @@ class TrainerRole:
     def ops(self) -> Mapping[str, Op]:
         raise NotImplementedError
 
-    async def save(self, req: WorkRequest) -> dict[str, Any]:
-        path = str_param(req.params, "path")
+    async def save(self, req: WorkRequest[PathParams]) -> dict[str, Any]:
+        path = req.params.path
         await self._run(self.engine.save, path)
-        return {"ok": True, "version": self.engine.step}
+        return wire(CheckpointResult.model_construct(ok=True, version=self.engine.step))
 
-    async def load(self, req: WorkRequest) -> dict[str, Any]:
-        path = str_param(req.params, "path")
+    async def load(self, req: WorkRequest[PathParams]) -> dict[str, Any]:
+        path = req.params.path
         if not Path(path).is_dir():  # noqa: ASYNC240 - one stat, before a long load
             raise BadRequest(f"params.path: no checkpoint folder at {path!r}", 404)
         async with self._weights_lock:
@@ -244,21 +275,19 @@ class TrainerRole:
         # training goes on from the checkpoint's step (a resumed controller may count from
         # an earlier step than this process last saw)
         self._stream_step = self._newest = None
-        return {"ok": True, "version": self.engine.step}
+        return wire(CheckpointResult.model_construct(ok=True, version=self.engine.step))
 
 
 class ActorRole(TrainerRole):
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: ActorSettings | Mapping[str, Any]) -> None:
         super().__init__("actor", settings)
-        loss = dict(self.settings.get("loss", {}))
-        old_policy = loss.pop("old_policy", "current")
-        self.objective = PolicyObjective(PolicyLossConfig(**loss), old_policy=old_policy)
+        s = cast(ActorSettings, self.settings)
+        loss = s.loss.model_dump(exclude={"old_policy"})
+        self.objective = PolicyObjective(PolicyLossConfig(**loss), old_policy=s.loss.old_policy)
         cfg = self.objective.config
         #: exact only when a zero-advantage token adds nothing to the loss: no KL, no entropy
         self.skip_zero_advantage = (
-            bool(self.settings.get("skip_zero_advantage", True))
-            and cfg.kl_coef == 0.0
-            and cfg.entropy_coef == 0.0
+            s.skip_zero_advantage and cfg.kl_coef == 0.0 and cfg.entropy_coef == 0.0
         )
 
     def ops(self) -> Mapping[str, Op]:
@@ -286,27 +315,24 @@ class ActorRole(TrainerRole):
             keep[0] = True
         return select_rows(batch, keep), int((~keep).sum())
 
-    async def sync_init(self, req: WorkRequest) -> dict[str, Any]:
+    async def sync_init(self, req: WorkRequest[ActorSyncInitParams]) -> dict[str, Any]:
         from asyncflow.engines.weight_sync import WeightSender
 
         p = req.params
-        args = (
-            str_param(p, "host"),
-            int_param(p, "port", low=1, high=65535),
-            int_param(p, "world_size", low=1),
-        )
-        backend = str_param(p, "backend", "gloo", choices=SYNC_BACKENDS)
-        bucket_mb = int_param(p, "bucket_mb", 128, low=1)
-        timeout_s = number_param(p, "timeout_s", 120.0, positive=True)
         if self.sender is not None:  # the group is being formed anew (a worker was replaced)
             self.sender.close()
         self.sender = WeightSender(
-            *args, backend=backend, bucket_bytes=bucket_mb << 20, timeout_s=timeout_s
+            p.host,
+            p.port,
+            p.world_size,
+            backend=p.backend,
+            bucket_bytes=p.bucket_mb << 20,
+            timeout_s=p.timeout_s,
         )
         await self.sender.aconnect()
-        return {"ok": True}
+        return wire(OkResult.model_construct(ok=True))
 
-    async def sync_send(self, req: WorkRequest) -> dict[str, Any]:
+    async def sync_send(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         if self.sender is None:
             raise BadRequest("sync_send before sync_init")
         # Not under the compute lock: the send mostly waits for the rollout engines to reach a
@@ -316,34 +342,33 @@ class ActorRole(TrainerRole):
             version = self.engine.step
             weights = list(self.engine.named_weights())
             stats = await asyncio.to_thread(self.sender.send, weights, version)
-        return {"version": version, "metrics": {"seconds": stats.seconds, "bytes": stats.bytes}}
+        metrics = SyncSendMetrics.model_construct(seconds=stats.seconds, bytes=stats.bytes)
+        return wire(SyncSendResult.model_construct(version=version, metrics=metrics))
 
 
 class ReferenceRole(TrainerRole):
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: ReferenceSettings | Mapping[str, Any]) -> None:
         super().__init__("reference", settings)
 
     def ops(self) -> Mapping[str, Op]:
         return {"ref_logprobs": self.ref_logprobs}
 
-    async def ref_logprobs(self, req: WorkRequest) -> dict[str, Any]:
+    async def ref_logprobs(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         batch = await self._batch(req, "ref_logprobs")
         assert req.batch is not None  # checked by _batch
-        out = await self._run(self.engine.logprobs, batch)
+        out = await self._run(cast(PolicyEngine, self.engine).logprobs, batch)
         rows = response_values(batch, out["logprobs"])
         shapes = req.unit.put("ref_logprobs", req.batch.rows, rows)
-        return {
-            "produced": {"ref_logprobs": Produced([list(s) for s in shapes], "float32").to_json()}
-        }
+        produced = {"ref_logprobs": Produced.of(shapes, "float32")}
+        return wire(WorkResult.model_construct(produced=produced))
 
 
 class CriticRole(TrainerRole):
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: CriticSettings | Mapping[str, Any]) -> None:
         super().__init__("critic", settings)
-        self.objective = ValueObjective(clip_range=float(self.settings.get("clip_range", 0.2)))
-        self.gamma = float(self.settings.get("gamma", 1.0))
-        self.lam = float(self.settings.get("lam", 0.95))
-        self.whiten = bool(self.settings.get("whiten_advantages", True))
+        s = cast(CriticSettings, self.settings)
+        self.objective = ValueObjective(clip_range=s.value_clip)
+        self.gamma, self.lam, self.whiten = s.gamma, s.lam, s.whiten_advantages
 
     def ops(self) -> Mapping[str, Op]:
         return {
@@ -358,15 +383,15 @@ class CriticRole(TrainerRole):
     def _loss_fn(self) -> Any:
         return self.objective
 
-    async def values(self, req: WorkRequest) -> dict[str, Any]:
+    async def values(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         batch = await self._batch(req, "values")
         assert req.batch is not None  # checked by _batch
-        vals = await self._run(self.engine.values, batch)
+        vals = await self._run(cast(ValueEngine, self.engine).values, batch)
         rows = response_values(batch, vals)
         shapes = req.unit.put("values", req.batch.rows, rows)
-        return {"produced": {"values": Produced([list(s) for s in shapes], "float32").to_json()}}
+        return wire(WorkResult.model_construct(produced={"values": Produced.of(shapes, "float32")}))
 
-    async def gae(self, req: WorkRequest) -> dict[str, Any]:
+    async def gae(self, req: WorkRequest[NoParams]) -> dict[str, Any]:
         names = ["response_ids", "reward", "values"]
         meta = need_batch(req.batch, "gae", names)
         cols = await req.client.fetch(meta, names)
@@ -385,19 +410,16 @@ class CriticRole(TrainerRole):
         ret_rows = [ret[i, : int(n)].contiguous() for i, n in enumerate(lengths)]
         sa = req.unit.put("advantages", meta.rows, adv_rows)
         sr = req.unit.put("returns", meta.rows, ret_rows)
-        return {
-            "produced": {
-                "advantages": Produced([list(s) for s in sa], "float32").to_json(),
-                "returns": Produced([list(s) for s in sr], "float32").to_json(),
-            }
-        }
+        produced = {"advantages": Produced.of(sa, "float32"), "returns": Produced.of(sr, "float32")}
+        return wire(WorkResult.model_construct(produced=produced))
 
 
-def make_trainer_role(role: str, settings: Mapping[str, Any]) -> TrainerRole:
-    if role == "actor":
+def make_trainer_role(settings: TrainerSettings) -> TrainerRole:
+    """The trainer role these settings are for."""
+    if isinstance(settings, ActorSettings):
         return ActorRole(settings)
-    if role == "reference":
-        return ReferenceRole(settings)
-    if role == "critic":
+    if isinstance(settings, CriticSettings):
         return CriticRole(settings)
-    raise ValueError(f"not a trainer role: {role!r}")
+    if isinstance(settings, ReferenceSettings):
+        return ReferenceRole(settings)
+    raise ValueError(f"not a trainer role's settings: {type(settings).__name__}")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from asyncflow.roles.ops import PathParams, TrainMicroParams
 from asyncflow.transfer.service import BadRequest
 from asyncflow.workers.trainer import ActorRole
 
@@ -42,7 +43,7 @@ class Engine:
 
 def request(step: int, attempt: int, tag: str = "", delay: float = 0.0) -> Any:
     params = {"step": step, "attempt": attempt, "global_tokens": 10, "global_sequences": 4}
-    return SimpleNamespace(params={**params, "columns": []}, tag=tag, delay=delay)
+    return SimpleNamespace(params=TrainMicroParams(**params, columns=[]), tag=tag, delay=delay)
 
 
 @pytest.fixture
@@ -82,6 +83,6 @@ async def test_next_steps_and_a_loaded_checkpoint_start_afresh(
     assert (await role.finish(request(8, 0)))["metrics"]["trained"] == ["Y"]
     # a resumed controller loads an earlier checkpoint into this (attached) actor and counts
     # from its step again
-    assert (await role.load(SimpleNamespace(params={"path": str(tmp_path)})))["version"] == 3
+    assert (await role.load(SimpleNamespace(params=PathParams(path=str(tmp_path)))))["version"] == 3
     await role.train_micro(request(3, 0, "Z"))
     assert (await role.finish(request(3, 0)))["metrics"]["trained"] == ["Z"]

@@ -329,7 +329,7 @@ def test_eval_size_takes_the_first_rows_of_a_file_as_of_the_builtin_split(tmp_pa
 def test_rollout_worker_evaluates_only_prompts_that_fit_the_engine(tmp_path: Path) -> None:
     """With the settings the controller derives: an eval prompt of ``max_model_len`` tokens or
     more (vLLM refuses it, ending the run at its first evaluation) is left out and counted."""
-    from asyncflow.controller.settings import role_settings
+    from asyncflow.roles.settings import role_settings
     from asyncflow.workers.rollout import RolloutRole
 
     train = dataset(tmp_path, ['{"prompt": "1+2=", "answer": "3"}'], "train.jsonl")

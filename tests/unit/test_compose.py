@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from asyncflow.config import load_config
-from asyncflow.controller.settings import role_settings
+from asyncflow.roles.settings import role_settings
 from asyncflow.workers.__main__ import parse_args, resolve_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,6 +162,6 @@ def test_overrides_reach_every_service_alike() -> None:
     )
     assert out.returncode == 0, out.stderr
     settings = assert_settings_agree(yaml.safe_load(out.stdout)["services"])
-    assert settings["rollout"]["engine"] == "transformers"
-    assert settings["rollout"]["sampling"]["max_new_tokens"] == 16
-    assert settings["actor"]["lr"] == 1e-5
+    assert settings["rollout"].engine == "transformers"
+    assert settings["rollout"].sampling.max_new_tokens == 16
+    assert settings["actor"].lr == 1e-5

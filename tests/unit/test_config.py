@@ -91,7 +91,7 @@ def test_config_module_imports_no_torch() -> None:
 def test_trainer_keys_reach_the_training_engine(value: bool) -> None:
     """A key of the actor/critic sections ends up in the engine's TrainerConfig, not only in
     the validated tree (actor.shared_prefix used to exist only inside the engine)."""
-    from asyncflow.controller.settings import role_settings
+    from asyncflow.roles.settings import role_settings
     from asyncflow.workers.trainer import _engine_config
 
     cfg = load_config(
@@ -135,15 +135,15 @@ def test_text_keys_take_the_text_as_written() -> None:
 def test_ppo_whitens_advantages_only_over_whole_steps_by_default(
     overrides: list[str], whiten: bool
 ) -> None:
-    from asyncflow.controller.settings import role_settings
+    from asyncflow.roles.settings import role_settings
 
     cfg = load_config(None, ["algorithm.name=ppo", *overrides])
-    assert role_settings(cfg)["critic"]["whiten_advantages"] is whiten
+    assert role_settings(cfg)["critic"].whiten_advantages is whiten
 
 
 def test_loss_keys_reach_the_actor_objective() -> None:
     """old_policy and dual_clip are config keys (they were reachable only in code)."""
-    from asyncflow.controller.settings import role_settings
+    from asyncflow.roles.settings import role_settings
     from asyncflow.workers.trainer import ActorRole
 
     cfg = load_config(None, ["algorithm.old_policy=behaviour", "algorithm.dual_clip=3.0"])

@@ -183,25 +183,6 @@ async def test_loss_after_all_consumers_done_needs_no_redo() -> None:
     assert idx.mark_unit_lost("u1") == {}
 
 
-async def test_freshest_policy_prefers_newest_version() -> None:
-    idx = SampleIndex()
-    idx.register_task("train", ["x"], policy="freshest")
-    rows = idx.add_rows([{}] * 4)
-    for r, v in zip(rows, [0, 2, 1, 2]):
-        idx.mark_ready([r], "x", "u", version=v)
-    b = await idx.get_batch("train", 3)
-    assert b.rows == [1, 3, 2]
-
-
-async def test_balanced_policy_orders_longest_first() -> None:
-    idx = SampleIndex()
-    idx.register_task("train", ["x"], policy="balanced")
-    rows = idx.add_rows([{"length": n} for n in [3, 9, 1, 5]])
-    idx.mark_ready(rows, "x", "u")
-    b = await idx.get_batch("train", 4)
-    assert [m["length"] for m in b.meta] == [9, 5, 3, 1]
-
-
 async def test_snapshot_restore_round_trip_and_leases_come_back() -> None:
     idx = grpo_index()
     admit(idx, 2, 2)
@@ -255,8 +236,6 @@ def test_register_errors_are_clear() -> None:
         idx.register_task("a", ["x"])
     with pytest.raises(ValueError, match="produced by both"):
         idx.register_task("b", ["x"], ["y"])
-    with pytest.raises(ValueError, match="policy"):
-        idx.register_task("c", ["x"], policy="random")  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="unknown task"):
         idx.try_get_batch("nope", 1)
     with pytest.raises(KeyError, match="not registered"):

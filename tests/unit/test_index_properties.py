@@ -2,8 +2,9 @@
 
 Random interleavings of admission, rollout, reward, training, requeues (a consumer died) and
 lost storage units (a producer died) must keep: no task holds a row twice; group tasks get whole
-groups; a row is released exactly when every task has consumed it; and, once the pipeline drains,
-every admitted row was trained exactly once.
+groups; a call's late reply counts only for the rows its lease still holds; a row is released
+exactly when every task has consumed it; and, once the pipeline drains, every admitted row was
+trained exactly once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ class IndexMachine(RuleBasedStateMachine):
         self.idx.register_task("reward", ["response"], ["reward"])
         self.idx.register_task("train", ["response", "reward"], groups=True)
         self.admitted: set[int] = set()
-        self.leases: dict[str, list[list[int]]] = {"rollout": [], "reward": [], "train": []}
+        # task -> calls in flight: (rows, lease)
+        self.leases: dict[str, list[tuple[list[int], int]]] = {
+            "rollout": [],
+            "reward": [],
+            "train": [],
+        }
         self.trained: list[int] = []
         self.unit_no = 0
 
@@ -40,42 +46,60 @@ class IndexMachine(RuleBasedStateMachine):
         self.idx.mark_ready(rows, "prompt", "dataset")
         self.admitted.update(rows)
 
+    def _held(self, task: str, rows: list[int], lease: int) -> list[int]:
+        """``rows`` that ``lease`` still holds (a loss may have taken some back, and a newer
+        call may hold them now)."""
+        leased = self.idx._tasks[task].leased
+        return [r for r in rows if (held := leased.get(r)) is not None and held.id == lease]
+
     @rule(task=st.sampled_from(["rollout", "reward", "train"]), n=st.integers(1, 3))
     def take(self, task: str, n: int) -> None:
         b = self.idx.try_get_batch(task, n)
         if b is None:
             return
-        held = {r for lease in self.leases[task] for r in lease}
+        held = {r for rows, ls in self.leases[task] for r in self._held(task, rows, ls)}
         assert not held & set(b.rows), "a row was handed out twice"
         if task != "reward":
             for g in set(b.groups):
                 assert sorted(r for r, gg in zip(b.rows, b.groups) if gg == g) == sorted(
                     self.idx.group_rows(g)
                 )
-        self.leases[task].append(b.rows)
+        self.leases[task].append((b.rows, b.lease))
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
         task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
-        rows = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
+        rows, lease = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
+        mine = set(self._held(task, rows, lease))
         if task == "rollout":
             self.unit_no += 1
-            self.idx.complete(task, rows, {"response": (f"r{self.unit_no % 3}", [2], "i", 0)})
+            produced = {"response": (f"r{self.unit_no % 3}", [2], "i", 0)}
+            stale = self.idx.complete(task, rows, produced, lease=lease)
         elif task == "reward":
-            self.idx.complete(task, rows, {"reward": ("scorer", [], "f", 0)})
+            stale = self.idx.complete(task, rows, {"reward": ("scorer", [], "f", 0)}, lease=lease)
         else:
-            live = [r for r in rows if r in self.idx._tasks["train"].leased]
-            self.idx.ack("train", live)
-            self.trained += live
+            stale = self.idx.ack("train", rows, lease=lease)
+            self.trained += [r for r in rows if r in mine]
+        assert set(rows) - set(stale) <= mine, "a stale lease's result was accepted"
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
     def consumer_died(self, data: st.DataObject) -> None:
         task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
-        rows = self.leases[task].pop()
-        live = [r for r in rows if r in self.idx._tasks[task].leased]
-        self.idx.requeue(task, live)
+        rows, lease = self.leases[task].pop()
+        self.idx.requeue(task, rows, lease=lease)
+
+    @precondition(lambda self: any(self.leases.values()))
+    @rule(data=st.data())
+    def call_abandoned(self, data: st.DataObject) -> None:
+        """The controller gave a call's rows back (it timed out) and retried them, but the
+        worker may still reply: the call stays in flight, its late reply must count for nothing
+        (and the retry's reply alone counts)."""
+        task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
+        rows, lease = self.leases[task][data.draw(st.integers(0, len(self.leases[task]) - 1))]
+        self.idx.requeue(task, rows, lease=lease)
+        self.take(task, data.draw(st.integers(1, 3)))
 
     @rule(unit=st.sampled_from(["r0", "r1", "r2", "scorer"]))
     def unit_lost(self, unit: str) -> None:
@@ -91,8 +115,8 @@ class IndexMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Drain: finish everything in flight, then run every stage until nothing moves.
         for task in ("rollout", "reward", "train"):
-            for rows in self.leases[task]:
-                self.idx.requeue(task, [r for r in rows if r in self.idx._tasks[task].leased])
+            for rows, lease in self.leases[task]:
+                self.idx.requeue(task, rows, lease=lease)
         for _ in range(1000):
             moved = False
             for task in ("rollout", "reward", "train"):
@@ -134,17 +158,18 @@ class PPOIndexMachine(RuleBasedStateMachine):
     """PPO's graph: two final consumers (actor and critic) of step partitions, several workers
     whose storage units die (a replacement gets a new unit name; a re-attached worker keeps
     it) -- possibly after replying to a call not yet completed --, regenerated groups, and a
-    controller restart (snapshot, restore, every worker's unit lost). Each trainer trains each
-    admitted row exactly once, every row is released once both have, and no field points at a
-    dead unit."""
+    controller restart (snapshot, restore, every worker's unit lost). Each call finishes or
+    gives back its rows under its lease, also after newer calls took some of them: a stale
+    call's results never count. Each trainer trains each admitted row exactly once, every row
+    is released once both have, and no field points at a dead unit."""
 
     def __init__(self) -> None:
         super().__init__()
         self.released: set[int] = set()
         self.idx = self._new_index()
         self.admitted: set[int] = set()
-        # task -> in-flight calls: (rows, storage unit of the worker that took them)
-        self.leases: dict[str, list[tuple[list[int], str]]] = {t: [] for t in PPO_TASKS}
+        # task -> in-flight calls: (rows, storage unit of the worker that took them, lease)
+        self.leases: dict[str, list[tuple[list[int], str, int]]] = {t: [] for t in PPO_TASKS}
         self.trained: dict[str, list[int]] = {t: [] for t in FINAL}
         self.generation = [0, 0, 0]  # worker slot -> replacements so far (its unit's name)
         self.dead: set[str] = set()  # units lost for good (their worker was replaced)
@@ -164,14 +189,21 @@ class PPOIndexMachine(RuleBasedStateMachine):
     def _unit(self, slot: int) -> str:
         return f"w{slot}.{self.generation[slot]}"
 
-    def _finish(self, task: str, rows: list[int], unit: str) -> None:
+    def _held(self, task: str, rows: list[int], lease: int) -> set[int]:
+        """``rows`` that ``lease`` still holds."""
+        leased = self.idx._tasks[task].leased
+        return {r for r in rows if (held := leased.get(r)) is not None and held.id == lease}
+
+    def _finish(self, task: str, rows: list[int], unit: str, lease: int) -> None:
+        mine = self._held(task, rows, lease)
         if task in FINAL:
-            live = [r for r in rows if r in self.idx._tasks[task].leased]
-            self.idx.ack(task, live)
-            self.trained[task] += live
+            stale = self.idx.ack(task, rows, lease=lease)
+            assert set(rows) - set(stale) == mine, "ack() acked a row its lease lost"
+            self.trained[task] += [r for r in rows if r in mine]
         else:
             produced = {c: (unit, [2], "f", 0) for c in PPO_TASKS[task][1]}
-            self.idx.complete(task, rows, produced)
+            stale = self.idx.complete(task, rows, produced, lease=lease)
+            assert set(rows) - set(stale) <= mine, "a stale lease's result was accepted"
 
     @rule(size=st.integers(1, 3), step=st.sampled_from(STEPS))
     def admit(self, size: int, step: int) -> None:
@@ -198,16 +230,13 @@ class PPOIndexMachine(RuleBasedStateMachine):
                 return
             task, part = data.draw(st.sampled_from(ready))
             n = data.draw(st.integers(1, 3))
-            leased = self.idx._tasks[task].leased  # less what a loss took back meanwhile
-            held = {r for rows, _ in self.leases[task] for r in rows if r in leased}
+            # what the calls in flight still hold (less what a loss took back meanwhile)
+            held = {r for rows, _, ls in self.leases[task] for r in self._held(task, rows, ls)}
             b = self.idx.try_get_batch(task, n, partition=part, at_least=1)
             assert b is not None
             assert not held & set(b.rows), "a row was handed out twice"
-            # An older call holding these rows is stale. (The index cannot tell its complete()
-            # from the new call's: both name the same rows. Not modelled here.)
-            self.leases[task] = [
-                ([r for r in rows if r not in b.rows], s) for rows, s in self.leases[task]
-            ]
+            assert all(b.lease != ls for _, _, ls in self.leases[task]), "a lease id reused"
+            # An older call naming these rows stays in flight: its reply is stale for them.
             if task in FINAL:
                 assert not set(self.trained[task]) & set(b.rows), f"{task} got a trained row"
                 assert all(m["step"] == part for m in b.meta), "a row of another step"
@@ -217,23 +246,39 @@ class PPOIndexMachine(RuleBasedStateMachine):
                     assert mine == sorted(r for r in self.idx.group_rows(g) if r in self.idx)
             unit = self._unit(data.draw(st.integers(0, 2)))
             if data.draw(st.booleans()):
-                self._finish(task, b.rows, unit)
+                self._finish(task, b.rows, unit, b.lease)
             else:
-                self.leases[task].append((b.rows, unit))
+                self.leases[task].append((b.rows, unit, b.lease))
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
         task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
-        rows, unit = self.leases[task].pop(data.draw(st.integers(0, len(self.leases[task]) - 1)))
-        self._finish(task, rows, unit)  # its worker may have died since it replied
+        rows, unit, lease = self.leases[task].pop(
+            data.draw(st.integers(0, len(self.leases[task]) - 1))
+        )
+        self._finish(task, rows, unit, lease)  # its worker may have died since it replied
 
     @precondition(lambda self: any(self.leases.values()))
     @rule(data=st.data())
     def consumer_died(self, data: st.DataObject) -> None:
         task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
-        rows, _ = self.leases[task].pop()
-        self.idx.requeue(task, rows, only_leased=True)
+        rows, _, lease = self.leases[task].pop(
+            data.draw(st.integers(0, len(self.leases[task]) - 1))
+        )
+        others = {r for rs, _, ls in self.leases[task] for r in self._held(task, rs, ls)}
+        self.idx.requeue(task, rows, only_leased=True, lease=lease)
+        kept = {r for rs, _, ls in self.leases[task] for r in self._held(task, rs, ls)}
+        assert kept == others, "a stale requeue gave back a newer call's rows"
+
+    @precondition(lambda self: any(self.leases.values()))
+    @rule(data=st.data())
+    def call_abandoned(self, data: st.DataObject) -> None:
+        """The controller gave a call's rows back (it timed out), but its worker may still
+        reply: the call stays in flight, and its late reply must count for nothing."""
+        task = data.draw(st.sampled_from([t for t, ls in self.leases.items() if ls]))
+        rows, _, lease = self.leases[task][data.draw(st.integers(0, len(self.leases[task]) - 1))]
+        self.idx.requeue(task, rows, only_leased=True, lease=lease)
 
     @rule(slot=st.integers(0, 2))
     def worker_died(self, slot: int) -> None:
@@ -284,8 +329,8 @@ class PPOIndexMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for task, leases in self.leases.items():
-            for rows, _ in leases:
-                self.idx.requeue(task, rows, only_leased=True)
+            for rows, _, lease in leases:
+                self.idx.requeue(task, rows, only_leased=True, lease=lease)
         for _ in range(200):
             moved = False
             for task, (_, _, _, partition) in PPO_TASKS.items():
@@ -293,7 +338,7 @@ class PPOIndexMachine(RuleBasedStateMachine):
                     b = self.idx.try_get_batch(task, 4, partition=step, at_least=1)
                     if b is not None:
                         moved = True
-                        self._finish(task, b.rows, "drain")
+                        self._finish(task, b.rows, "drain", b.lease)
             if not moved:
                 break
         for task in FINAL:

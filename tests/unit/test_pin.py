@@ -11,7 +11,7 @@ def test_pinned_worker_uses_one_torch_thread_per_core() -> None:
     of the machine) put two OpenMP threads on the rollout's one core and slowed vLLM's decode
     steps by a quarter."""
     code = (
-        "from asyncflow.workers.__main__ import pin; pin({'cpus': [0]}); "
+        "from asyncflow.workers.__main__ import pin; pin([0]); "
         "import os, torch; print(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))"
     )
     out = subprocess.run(

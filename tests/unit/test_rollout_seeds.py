@@ -10,6 +10,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from asyncflow.engines.protocols import Completion
+from asyncflow.roles.ops import GenerateParams
 from asyncflow.transfer.index import BatchMeta
 from asyncflow.transfer.storage import StorageUnit
 from asyncflow.workers.rollout import REGEN_SEED_STRIDE, RolloutRole
@@ -34,7 +35,9 @@ async def test_regenerated_rows_draw_new_seeds_and_recomputed_rows_the_same() ->
         {"index": 0, "step": 0, "sample": 1, "regenerated": 2},
     ]
     batch = BatchMeta("rollout", [10, 11], [3, 3], {}, meta)
-    req = SimpleNamespace(batch=batch, params={"seed": 7_000}, unit=StorageUnit("rollout0"))
+    req = SimpleNamespace(
+        batch=batch, params=GenerateParams(seed=7_000), unit=StorageUnit("rollout0")
+    )
     await role.generate(req)  # type: ignore[arg-type]
     await role.generate(req)  # type: ignore[arg-type]
     assert engine.seeds == [7_010, 7_011 + 2 * REGEN_SEED_STRIDE] * 2
