@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -381,24 +381,24 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def describe(e: ValidationError) -> str:
-    lines = ["invalid config:"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; expected one of {_known_keys(err['loc'])}")
-        else:
-            got = json.dumps(err.get("input"), default=str)[:80]
-            lines.append(f"  {key}: {err['msg']} (got {got})")
-    return "\n".join(lines)
+    """A config validation error: each problem on a line naming its dotted key (an unknown key
+    with the keys allowed beside it)."""
+    return describe_errors(e, "config", known=_known_keys)
 
 
-def describe_errors(e: ValidationError, title: str) -> str:
-    """A validation error of any model, one line per problem, each naming its dotted key."""
+def describe_errors(
+    e: ValidationError,
+    title: str,
+    known: Callable[[tuple[Any, ...]], list[str]] | None = None,
+) -> str:
+    """A validation error of any model, one line per problem, each naming its dotted key;
+    ``known`` lists the keys allowed next to an unknown one."""
     lines = [f"invalid {title}:"]
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            expected = f"; expected one of {known(err['loc'])}" if known else ""
+            lines.append(f"  {key}: unknown key{expected}")
         else:
             got = json.dumps(err.get("input"), default=str)[:80]
             lines.append(f"  {key}: {err['msg']} (got {got})")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow.config import ConfigError, load_config
-from asyncflow.controller.controller import Controller, NoCheckpoint
+from asyncflow.controller.checkpoints import NoCheckpoint
+from asyncflow.controller.controller import Controller
 from asyncflow.controller.pool import WorkerError
 
 

@@ -1,8 +1,10 @@
-"""Worker processes: spawning them locally, attaching to running ones, talking to them.
+"""One worker process: spawning it locally, attaching to a running one, talking to it.
 
 A spawned worker is ``python -m asyncflow.workers --role ROLE`` in its own process. It dies with
 the controller even on SIGKILL (``PR_SET_PDEATHSIG`` on Linux), so no run leaves orphans. An
 attached worker (given by URL: docker compose, other hosts) is only talked to, never killed.
+The run's workers as a whole -- which ones, their slots, replacing and stopping them -- are
+:mod:`asyncflow.controller.fleet`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +33,14 @@ class WorkerError(RuntimeError):
         super().__init__(f"worker {worker}: {message}")
         self.worker = worker
         self.status = status
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a rendezvous another process then listens on)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -53,10 +64,6 @@ class WorkerHandle:
     log_path: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is None or self.proc.returncode is None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

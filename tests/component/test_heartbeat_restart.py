@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import io
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from asyncflow.controller.controller import free_port
-from asyncflow.controller.pool import attach_worker
+from asyncflow.config import load_config
+from asyncflow.controller.fleet import Fleet
+from asyncflow.controller.pool import attach_worker, free_port
 from asyncflow.controller.supervisor import Supervisor
 from asyncflow.transfer.storage import StorageUnit
 from asyncflow.workers.server import WorkerServer
@@ -35,6 +35,24 @@ class Log:
 
     def now(self) -> float:
         return 0.0
+
+
+class FakeIndex:
+    """Records the units marked lost."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+
+    def mark_unit_lost(self, unit: str) -> dict[str, list[int]]:
+        self.lost.append(unit)
+        return {}
+
+
+class Unused:
+    """A collaborator a storage worker's recovery does not reach (no trainer, no sync)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} is not used here")
 
 
 async def _serve(port: int) -> tuple[WorkerServer, asyncio.Task[None]]:
@@ -78,43 +96,30 @@ async def test_worker_restarted_between_heartbeats_is_replaced(tmp_path: Path) -
     url = f"http://127.0.0.1:{port}"
     server, task = await _serve(port)
     h = await attach_worker("storage", "storage0", url, TOKEN, 10)
-    lost: list[str] = []
+    index = FakeIndex()
     workers = {"storage": [h]}
-    p = SimpleNamespace(
-        workers=workers,
-        ready={},
-        index=SimpleNamespace(mark_unit_lost=lambda unit: lost.append(unit) or {}),
-        log=Log(),
-        units={h.unit: h.url},
-        sync_lock=asyncio.Lock(),
-        version=0,
-        trained_version=0,
-    )
-
-    async def no_spawn(*_: Any) -> Any:
-        raise AssertionError("an attached worker is not spawned")
+    fleet = Fleet(load_config(None, []), workers)  # respawn: an attached worker is not spawned
 
     heartbeat_s = 0.4
-    sup = Supervisor(p, no_spawn, no_spawn, tmp_path, heartbeat_s, 10.0)  # type: ignore[arg-type]
-    sup.watch_all()
+    sup = Supervisor(fleet, index, Log(), Unused(), Unused(), heartbeat_s, 10.0)
     try:
-        await asyncio.sleep(heartbeat_s * 1.5)  # a heartbeat or two answered by the first one
-        assert not sup.deaths
-        await _stop(server, task)  # the container exits and is restarted at once
-        server, task = await _serve(port)
-        for _ in range(100):  # well within three heartbeats
-            if sup.deaths and workers["storage"][0] is not h:
-                break
-            await asyncio.sleep(0.05)
-        assert sup.deaths, "the restarted worker was taken for the old one"
-        assert "restarted" in sup.deaths[0]["reason"]
-        assert lost == ["storage0"]  # its unit's data is recomputed
-        assert workers["storage"][0] is not h  # re-attached: a new handle...
-        assert p.ready["storage0"].is_set()  # ...serving again
-        await asyncio.sleep(heartbeat_s * 2.5)  # and the new process is not taken for dead
-        assert len(sup.deaths) == 1
+        async with sup.watching():
+            await asyncio.sleep(heartbeat_s * 1.5)  # a heartbeat or two answered by the first
+            assert not sup.deaths
+            await _stop(server, task)  # the container exits and is restarted at once
+            server, task = await _serve(port)
+            for _ in range(100):  # well within three heartbeats
+                if sup.deaths and workers["storage"][0] is not h:
+                    break
+                await asyncio.sleep(0.05)
+            assert sup.deaths, "the restarted worker was taken for the old one"
+            assert "restarted" in sup.deaths[0]["reason"]
+            assert index.lost == ["storage0"]  # its unit's data is recomputed
+            assert workers["storage"][0] is not h  # re-attached: a new handle...
+            assert fleet.is_ready("storage0")  # ...serving again
+            await asyncio.sleep(heartbeat_s * 2.5)  # and the new process is not taken for dead
+            assert len(sup.deaths) == 1
     finally:
-        await sup.close()
         await workers["storage"][0].stop()
         await h.stop()
         await _stop(server, task)

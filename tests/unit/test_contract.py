@@ -88,3 +88,50 @@ def test_the_dataflow_declares_each_column_once_and_the_trainers_read_it() -> No
             train = next(t for t in tasks if t.name == "train")
             assert ("ref_logprobs" in train.loss_columns) is kl
             assert "advantages" in train.loss_columns
+
+
+@pytest.mark.parametrize(
+    "setting, devices, backend",
+    [
+        ("auto", ["cpu", "cpu"], "gloo"),
+        ("auto", ["cuda:0", "cpu"], "gloo"),  # NCCL cannot move a CPU engine's tensors
+        ("auto", ["cuda:0", "cuda:1", "cuda"], "nccl"),
+        ("gloo", ["cuda:0", "cuda:1"], "gloo"),
+        ("nccl", [], "nccl"),
+    ],
+)
+def test_sync_backend_auto_follows_the_devices(
+    setting: str, devices: list[str], backend: str
+) -> None:
+    """``sync.backend=auto`` always meant gloo; it now picks NCCL where every end is on CUDA."""
+    from asyncflow.controller.sync import sync_backend
+
+    assert sync_backend(setting, devices) == backend
+
+
+def test_the_design_notes_show_the_dataflow_as_declared() -> None:
+    """docs/design.md's task table is the dataflow's own (regenerate it with
+    ``asyncflow.roles.dataflow.markdown_table()``)."""
+    from pathlib import Path
+
+    from asyncflow.roles.dataflow import markdown_table
+
+    design = Path(__file__).parents[2] / "docs" / "design.md"
+    assert markdown_table() in design.read_text(encoding="utf-8")
+
+
+def test_nothing_outside_the_controller_imports_it() -> None:
+    """Workers, the report and the contract never import the controller (the run log and the
+    role settings used to live there)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[2] / "asyncflow"
+    pattern = re.compile(r"^\s*(from|import) asyncflow\.controller", re.M)
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "controller" not in p.relative_to(root).parts[:1]
+        and pattern.search(p.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []

@@ -1,36 +1,88 @@
-"""The controller's step driver (``Controller._steps``) against a scripted pipeline: a failure
-of the background weight sync ends the run at once instead of leaving it waiting."""
+"""The step driver (:class:`asyncflow.controller.step.Steps`) and the pieces around it, against
+fakes: a failure of the background weight sync ends the run at once instead of leaving it
+waiting; the concurrency shapes it is built on (:mod:`asyncflow.controller.concurrency`);
+resuming and checkpointing every data-parallel rank (:class:`Checkpoints`); an evaluation cut
+off by a dying worker (:class:`Evaluation`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncflow.config import load_config
-from asyncflow.controller.controller import Controller, _all_or_none, _first_failure
+from asyncflow.config import Config, load_config
+from asyncflow.controller.checkpoints import Checkpoints
+from asyncflow.controller.concurrency import all_of, run_until
+from asyncflow.controller.evaluation import Evaluation
+from asyncflow.controller.fleet import Fleet
+from asyncflow.controller.loader import PromptLoader
+from asyncflow.controller.pool import WorkerError
 from asyncflow.controller.progress import Progress
+from asyncflow.controller.records import StepRecords
+from asyncflow.controller.retry import Retry
+from asyncflow.controller.stages import Admission
+from asyncflow.controller.step import Steps
+from asyncflow.controller.sync import Versions
+from asyncflow.roles.ops import FinishResult
 from asyncflow.runlog import RunLog
+from asyncflow.transfer.index import SampleIndex
 
 
-class SyncFails:
-    """Step 0 trains; its weight sync fails; step 1 cannot train before that sync (k = 0: its
-    rollout waits for version 1), so its training never returns."""
+class FakeTrainer:
+    """One try of a step: no micro-batches; step 0 finishes, a later step never does (its
+    rollout waits for the version step 0's sync would have served)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.records: list[dict[str, Any]] = []
+
+    async def ready(self) -> AsyncIterator[Any]:
+        for _ in ():
+            yield _
+
+    def accumulate(self, micro: Any) -> None:
+        raise AssertionError("no micro-batch")
+
+    async def finish(self) -> list[FinishResult]:
+        if self.step > 0:
+            await asyncio.Event().wait()  # never: the sync it needs failed
+        return [FinishResult(version=self.step + 1, metrics={})]
+
+    def ranks_lost(self) -> bool:
+        return False
+
+
+class FakeTraining:
+    """Records the steps tried."""
 
     def __init__(self) -> None:
         self.trained: list[int] = []
 
-    async def train_step(self, step: int, *args: Any) -> list[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def attempt(self, role: Any, step: int, n: int) -> AsyncIterator[FakeTrainer]:
         self.trained.append(step)
-        if step > 0:
-            await asyncio.Event().wait()  # never: the sync it needs failed
-        return [{"version": step + 1, "metrics": {}}]
+        yield FakeTrainer(step)
 
-    async def sync_weights(self, version: int) -> dict[str, Any]:
+
+class FailingSync:
+    """Every weight sync fails (as after its retries ran out)."""
+
+    async def run(self, version: int) -> dict[str, Any]:
         await asyncio.sleep(0.01)
         raise RuntimeError(f"weight sync to version {version}: failed 33 times in a row")
+
+
+class Unused:
+    """A collaborator the test does not reach."""
+
+    saved = -1
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} is not used here")
 
 
 async def test_a_failed_weight_sync_at_k0_fails_the_run_instead_of_hanging(
@@ -40,15 +92,26 @@ async def test_a_failed_weight_sync_at_k0_fails_the_run_instead_of_hanging(
         None,
         [f"run.output_dir={tmp_path}", "algorithm.staleness=0", "algorithm.streaming=false"],
     )
-    controller = Controller(cfg)
-    controller.pipeline = SyncFails()  # type: ignore[assignment]
     log = RunLog(tmp_path / "run")
+    training = FakeTraining()
+    steps = Steps(
+        cfg,
+        training,
+        Retry(log, cfg.timeouts.retries),
+        Unused(),
+        FailingSync(),
+        Unused(),
+        StepRecords(log, Fleet(cfg), []),
+        Versions(),
+        Progress(10, enabled=False),
+        lambda: False,
+    )
     try:
         with pytest.raises(RuntimeError, match="weight sync to version 1"):
-            await asyncio.wait_for(controller._steps(log, Progress(10, enabled=False), 0), 20)
+            await asyncio.wait_for(steps.run(0), 20)
     finally:
         log.close()
-    assert controller.pipeline.trained == [0, 1]  # type: ignore[attr-defined]
+    assert training.trained == [0, 1]
 
 
 async def test_first_failure_returns_the_main_result_when_the_side_task_succeeds() -> None:
@@ -59,9 +122,8 @@ async def test_first_failure_returns_the_main_result_when_the_side_task_succeeds
         await asyncio.sleep(0.02)
         return 7
 
-    task = asyncio.create_task(side())
-    assert await _first_failure(main(), task) == 7
-    assert await _first_failure(main(), None) == 7
+    assert await run_until(main(), {"side": side()}) == 7
+    assert await run_until(main(), {}) == 7
 
 
 async def test_first_failure_raises_the_main_error_and_cancels_on_a_side_error() -> None:
@@ -70,7 +132,7 @@ async def test_first_failure_raises_the_main_error_and_cancels_on_a_side_error()
         raise ValueError(what)
 
     with pytest.raises(ValueError, match="main"):
-        await _first_failure(boom("main", 0), asyncio.create_task(asyncio.sleep(1)))
+        await run_until(boom("main", 0), {"side": asyncio.sleep(1)})
     cancelled = asyncio.Event()
 
     async def forever() -> int:
@@ -81,39 +143,37 @@ async def test_first_failure_raises_the_main_error_and_cancels_on_a_side_error()
         return 0
 
     with pytest.raises(ValueError, match="side"):
-        await _first_failure(forever(), asyncio.create_task(boom("side", 0.01)))
+        await run_until(forever(), {"side": boom("side", 0.01)})
     assert cancelled.is_set()
 
 
-class RecordingPipeline:
-    """What :meth:`Controller._restore` touches, recording the calls it makes."""
+class FakeRank:
+    """A trainer rank's handle: records the ops asked of it (and of its peers) in order."""
 
-    def __init__(self) -> None:
-        from types import SimpleNamespace
+    def __init__(self, name: str, calls: list[tuple[str, str, dict[str, Any]]]) -> None:
+        self.name = self.unit = name
+        self.url = f"http://{name}"
+        self.calls = calls
 
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.workers_called: list[Any] = []
-        self.loader = SimpleNamespace(position=0, state=lambda: {"position": 0})
-        self.log = SimpleNamespace(samples_written=0)
-        self.index: Any = None
-        self.admitted_steps = self.version = self.trained_version = 0
+    async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.calls.append((self.name, path.removeprefix("/v1/work/"), body["params"]))
+        return {"ok": True, "version": 4}  # what a rank answers to save and load
 
-    async def call(self, worker: Any, op: str, batch: Any = None, params: Any = None) -> Any:
-        self.calls.append((op, params))
-        self.workers_called.append(worker)
-        return {}
+
+def _checkpoints(cfg: Config, fleet: Fleet, log: RunLog) -> tuple[Checkpoints, Admission, Versions]:
+    versions = Versions()
+    index = SampleIndex()
+    admission = Admission(cfg, index, PromptLoader(100, cfg.run.seed), versions)
+    ckpt = Checkpoints(cfg.run_dir, cfg.checkpoint.keep, fleet, log, versions, admission, index)
+    return ckpt, admission, versions
 
 
 async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path) -> None:
     """The checkpoint records the absolute path it was written at; a run directory copied
     elsewhere (or a volume mounted at another path) loads from its own checkpoint folder."""
-    from asyncflow.transfer.index import SampleIndex
-
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'moved'}", "run.name=r"])
-    controller = Controller(cfg, resume=True)
-    pipe = RecordingPipeline()
-    controller.pipeline = pipe  # type: ignore[assignment]
-    controller.workers = {"actor": ["actor0", "actor1"]}  # type: ignore[dict-item]
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+    fleet = Fleet(cfg, {"actor": [FakeRank("actor0", calls), FakeRank("actor1", calls)]})
     state = {
         "step": 4,
         "version": 4,
@@ -125,29 +185,31 @@ async def test_a_moved_run_directory_resumes_from_where_it_is_now(tmp_path: Path
         "path": str(tmp_path / "old" / "r" / "checkpoints" / "step_000004"),
     }
     log = RunLog(cfg.run_dir)
+    checkpoints, admission, versions = _checkpoints(cfg, fleet, log)
     try:
-        assert await controller._restore(state, log) == 4
+        assert await checkpoints.restore(state) == 4
     finally:
         log.close()
     here = {"path": str((cfg.run_dir / "checkpoints" / "step_000004").resolve())}
-    assert pipe.calls == [("load", here)] * 2  # every data-parallel rank loads
-    assert pipe.workers_called == ["actor0", "actor1"]
-    assert pipe.loader.position == 32 and pipe.version == 4 and pipe.admitted_steps == 5
+    assert [(op, params) for _, op, params in calls] == [("load", here)] * 2  # every DP rank
+    assert [name for name, _, _ in calls] == ["actor0", "actor1"]
+    assert admission.loader.position == 32 and versions.served == 4
+    assert admission.admitted_steps == 5
 
 
 async def test_every_data_parallel_rank_takes_part_in_a_checkpoint(tmp_path: Path) -> None:
     """Rank 0 writes and waits at a barrier for the others: asking rank 0 alone hung."""
-    from asyncflow.transfer.index import SampleIndex
-
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "actor.workers=2"])
-    controller = Controller(cfg)
-    pipe = RecordingPipeline()
-    controller.pipeline = pipe  # type: ignore[assignment]
-    controller.index = SampleIndex()
-    controller.workers = {"actor": ["actor0", "actor1"]}  # type: ignore[dict-item]
-    await controller._checkpoint(2, 2, [])
-    assert [op for op, _ in pipe.calls] == ["save", "save"]
-    assert pipe.workers_called == ["actor0", "actor1"]
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+    fleet = Fleet(cfg, {"actor": [FakeRank("actor0", calls), FakeRank("actor1", calls)]})
+    log = RunLog(cfg.run_dir)
+    checkpoints, _, _ = _checkpoints(cfg, fleet, log)
+    try:
+        await checkpoints.save(2, 2, [])
+    finally:
+        log.close()
+    assert [op for _, op, _ in calls] == ["save", "save"]
+    assert [name for name, _, _ in calls] == ["actor0", "actor1"]
     assert (cfg.run_dir / "checkpoints" / "step_000002" / "controller_state.json").is_file()
 
 
@@ -167,14 +229,14 @@ async def test_ppo_steps_fail_together() -> None:
         return 0
 
     with pytest.raises(ConnectionError, match="actor0 died"):
-        await _all_or_none([actor(), critic()])
+        await all_of([("actor", actor()), ("critic", critic())])
     assert cancelled.is_set()
 
     async def value(v: int) -> int:
         await asyncio.sleep(0.01 * v)
         return v
 
-    assert await _all_or_none([value(2), value(1)]) == [2, 1]
+    assert await all_of([("a", value(2)), ("b", value(1))]) == [2, 1]
 
 
 class DyingOnceRollout:
@@ -190,13 +252,12 @@ class DyingOnceRollout:
         self.status = status
 
     async def call(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from asyncflow.controller.pool import WorkerError
-
         assert path == "/v1/work/evaluate"
         self.calls += 1
         if self.calls == 1:
             raise WorkerError("rollout0", "connection reset", self.status)
-        m = {"accuracy": 0.5, "mean_reward": 0.5, "n": 8, "version": 3}
+        m = {"accuracy": 0.5, "mean_reward": 0.5, "n": 8, "version": 3, "skipped_rows": 0}
+        m |= {"mean_length": 4.0, "examples": [["1+1=", "2"]]}
         return {"metrics": m}
 
 
@@ -206,22 +267,18 @@ async def test_an_evaluation_cut_off_by_a_dying_worker_is_tried_again(
 ) -> None:
     """A lost connection (the worker died; the supervisor replaces it) is retried; an error the
     worker answered with is not (it would only repeat)."""
-    from asyncflow.controller.pool import WorkerError
-    from asyncflow.controller.stages import Pipeline
-    from asyncflow.transfer.index import SampleIndex
-
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
-    controller = Controller(cfg)
     log = RunLog(tmp_path / "run")
     rollout = DyingOnceRollout(status)
-    controller.pipeline = Pipeline(cfg, SampleIndex(), {"rollout": [rollout]}, None, log)  # type: ignore[arg-type,dict-item]
+    fleet = Fleet(cfg, {"rollout": [rollout]})
+    evaluation = Evaluation(cfg, fleet, log, Retry(log, cfg.timeouts.retries))
     try:
         if status is None:
-            out = await controller._evaluate(3, log)
+            out = await evaluation.run(3)
             assert out["eval_accuracy"] == 0.5 and rollout.calls == 2
         else:
             with pytest.raises(WorkerError):
-                await controller._evaluate(3, log)
+                await evaluation.run(3)
             assert rollout.calls == 1
     finally:
         log.close()

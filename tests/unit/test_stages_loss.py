@@ -1,5 +1,5 @@
-"""Pipeline calls against scripted workers: rows released by their last consumer, a step's
-commit retried on its own.
+"""Stage calls, a training step and the weight sync against scripted workers: rows released by
+their last consumer, a step's commit retried on its own, a held-up sync's newer weights.
 
 A stage call whose rows are released by its own completion (it was their last consumer).
 
@@ -17,8 +17,16 @@ from typing import Any
 
 import pytest
 
-from asyncflow.config import load_config
-from asyncflow.controller.stages import Pipeline, register_tasks, stage_specs
+from asyncflow.config import Config, load_config
+from asyncflow.controller.fleet import Fleet
+from asyncflow.controller.pool import WorkerError
+from asyncflow.controller.progress import Progress
+from asyncflow.controller.records import StepRecords
+from asyncflow.controller.retry import Retry
+from asyncflow.controller.stages import Stages, register_tasks, stage_specs
+from asyncflow.controller.step import Steps
+from asyncflow.controller.sync import Versions, WeightSync
+from asyncflow.controller.training import Training
 from asyncflow.runlog import RunLog
 from asyncflow.transfer.index import SampleIndex
 
@@ -40,6 +48,10 @@ async def one_group(cfg: Any, scored: bool) -> tuple[SampleIndex, list[int]]:
         scalar = ("reward0", [[], []], "float32", -1)
         index.complete("reward", b.rows, {"reward": scalar, "advantages": scalar})
     return index, rows
+
+
+def _stages(cfg: Config, index: SampleIndex, log: RunLog) -> Stages:
+    return Stages(cfg, index, Fleet(cfg), log, Retry(log, cfg.timeouts.retries))
 
 
 class FakeReward:
@@ -66,10 +78,11 @@ async def test_rescoring_the_last_use_of_trained_rows_releases_them(tmp_path: Pa
     index.ack("train", train.rows)  # the step commits with what the trainer had pulled
     assert all(r in index for r in rows)  # kept: the reward task must score them again
 
-    pipe = Pipeline(cfg, index, {}, None, RunLog(tmp_path / "run"))  # type: ignore[arg-type]
+    log = RunLog(tmp_path / "run")
     spec = next(s for s in stage_specs(cfg) if s.task == "reward")
     again = await index.get_batch("reward", spec.batch, at_least=1)
-    await pipe.run_op(spec, FakeReward(), again)  # type: ignore[arg-type]
+    await _stages(cfg, index, log).run_op(spec, FakeReward(), again)
+    log.close()
     assert not any(r in index for r in rows)  # every task is done with them: released
 
 
@@ -96,8 +109,6 @@ async def test_a_failed_checkpoint_is_retried_without_a_second_optimizer_step(
 ) -> None:
     """The step's save fails once (a full disk, a timeout) while the actor lives: only the
     commit is retried; the optimizer steps once on the step's samples and its rows are acked."""
-    from asyncflow.controller.pool import WorkerError
-
     cfg = load_config(
         None,
         [
@@ -105,25 +116,67 @@ async def test_a_failed_checkpoint_is_retried_without_a_second_optimizer_step(
             "algorithm.samples_per_prompt=2",
             "algorithm.prompts_per_step=1",
             "algorithm.micro_batch_groups=1",
+            "algorithm.steps=1",  # the last step: a checkpoint is due
         ],
     )
     index, rows = await one_group(cfg, scored=True)
 
     actor = FakeActor()
-    commits: list[int] = []
-
-    async def commit(outs: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
-        commits.append(int(outs[0]["version"]))
-        if len(commits) == 1:
-            raise WorkerError("actor0", "save: [Errno 28] No space left on device", 500)
-
+    checkpoints = FailingOnceCheckpoints()
+    sync = FakeSync()
     log = RunLog(tmp_path / "run")
-    pipe = Pipeline(cfg, index, {"actor": [actor]}, None, log)  # type: ignore[arg-type,dict-item]
-    outs = await pipe.train_step(0, "actor", "train", ["advantages"], commit)
+    fleet = Fleet(cfg, {"actor": [actor]})
+    versions = Versions()
+    steps = Steps(
+        cfg,
+        Training(cfg, index, fleet, log),
+        Retry(log, cfg.timeouts.retries),
+        checkpoints,
+        sync,
+        Unused(),
+        StepRecords(log, fleet, []),
+        versions,
+        Progress(1, enabled=False),
+        lambda: False,
+    )
+    assert await steps.run(0) == 1
     log.close()
-    assert actor.finishes == 1 and commits == [1, 1] and outs[0]["version"] == 1
-    assert pipe.trained_version == 1
+    assert actor.finishes == 1 and checkpoints.saves == [1, 1] and sync.versions == [1]
+    assert versions.trained == 1
     assert not any(r in index for r in rows)  # acked: every task is done with them
+
+
+class FailingOnceCheckpoints:
+    """The step's checkpoint: its first save fails as a full disk does; records the versions."""
+
+    saved = -1
+
+    def __init__(self) -> None:
+        self.saves: list[int] = []
+
+    async def save(self, step: int, version: int, records: list[dict[str, Any]]) -> None:
+        self.saves.append(version)
+        if len(self.saves) == 1:
+            raise WorkerError("actor0", "save: [Errno 28] No space left on device", 500)
+        self.saved = step
+
+
+class FakeSync:
+    """A weight sync that succeeds at once; records the versions asked for."""
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+
+    async def run(self, version: int) -> dict[str, Any]:
+        self.versions.append(version)
+        return {"sync_s": 0.0}
+
+
+class Unused:
+    """A collaborator the test does not reach (no evaluation after the last step)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} is not used here")
 
 
 class FailingReward:
@@ -162,10 +215,9 @@ async def test_a_regenerated_group_never_reaches_a_waiting_trainer(tmp_path: Pat
     trainer = asyncio.ensure_future(index.get_batch("train", 1, partition=0))
     await asyncio.sleep(0)
     log = RunLog(tmp_path / "run")
-    pipe = Pipeline(cfg, index, {}, None, log)  # type: ignore[arg-type]
     spec = next(s for s in stage_specs(cfg) if s.task == "reward")
     batch = await index.get_batch("reward", spec.batch, at_least=1)
-    await pipe.run_op(spec, FailingReward(), batch)  # type: ignore[arg-type]
+    await _stages(cfg, index, log).run_op(spec, FailingReward(), batch)
     await asyncio.sleep(0)
     assert not trainer.done()  # the failed group was not handed to the trainer
     again = index.try_get_batch("rollout", 1)
@@ -187,7 +239,8 @@ class SyncPeer:
         if path == "/v1/work/sync_send":
             return {"version": self.version, "metrics": {"seconds": 0.01, "bytes": 8}}
         assert path == "/v1/work/sync_recv"
-        return {"metrics": {"version": self.version, "recv_s": 0.01, "total_s": 0.02}}
+        m = {"version": self.version, "recv_s": 0.01, "total_s": 0.02, "reload": "in place"}
+        return {"metrics": m}
 
 
 async def test_a_held_up_sync_may_deliver_newer_weights(tmp_path: Path) -> None:
@@ -200,11 +253,11 @@ async def test_a_held_up_sync_may_deliver_newer_weights(tmp_path: Path) -> None:
         "rollout": [SyncPeer("rollout0", 6), SyncPeer("rollout1", 6)],
     }
     log = RunLog(tmp_path / "run")
-    pipe = Pipeline(cfg, SampleIndex(), workers, None, log)  # type: ignore[arg-type]
-    pipe.version = 4
-    out = await pipe.sync_weights(5)
-    assert pipe.version == 6 and out["bytes"] == 8
+    versions = Versions(4)
+    sync = WeightSync(cfg, Fleet(cfg, workers), versions, log, Retry(log, cfg.timeouts.retries))
+    out = await sync.run(5)
+    assert versions.served == 6 and out["bytes"] == 8
     workers["rollout"][1].version = 5  # one engine did not take the newest weights: an error
     with pytest.raises(RuntimeError, match="expected version 5 or newer"):
-        await pipe.sync_weights(5)
+        await sync.run(5)
     log.close()

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from asyncflow.config import load_config
+from asyncflow.config import Config, load_config
 from asyncflow.controller.controller import Controller
+from asyncflow.controller.fleet import Fleet
 from asyncflow.controller.pool import WorkerError, WorkerHandle, spawn_worker
 
 STOPPED: list[str] = []  #: names of the Recorded handles stopped
@@ -22,28 +23,32 @@ class Recorded(WorkerHandle):
         STOPPED.append(self.name)
 
 
-def scripted_spawn(ready: asyncio.Event, fail: bool = False) -> Any:
-    async def spawn(self: Controller, role: str, i: int, generation: int) -> WorkerHandle:
-        if role == "reward":
-            ready.set()
-            return Recorded(f"{role}{i}", role, "http://127.0.0.1:9", f"{role}{i}", "t")
-        if fail and role == "actor":
-            await ready.wait()
-            raise WorkerError(f"{role}{i}", "exited with code 1 before it was ready")
-        await asyncio.Event().wait()  # still starting (a vLLM engine takes a minute)
-        raise AssertionError("unreachable")
+def scripted_fleet(ready: asyncio.Event, fail: bool = False) -> Any:
+    """A fleet whose reward worker starts at once, whose other workers are still starting
+    (or, with ``fail``, whose actor then fails to start)."""
 
-    return spawn
+    class ScriptedFleet(Fleet):
+        async def spawn(self, role: str, i: int, generation: int) -> WorkerHandle:
+            if role == "reward":
+                ready.set()
+                return Recorded(f"{role}{i}", role, "http://127.0.0.1:9", f"{role}{i}", "t")
+            if fail and role == "actor":
+                await ready.wait()
+                raise WorkerError(f"{role}{i}", "exited with code 1 before it was ready")
+            await asyncio.Event().wait()  # still starting (a vLLM engine takes a minute)
+            raise AssertionError("unreachable")
+
+    def make(cfg: Config) -> Fleet:
+        return ScriptedFleet(cfg)
+
+    return make
 
 
-async def test_cancelled_during_startup_stops_the_workers_that_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cancelled_during_startup_stops_the_workers_that_started(tmp_path: Path) -> None:
     ready = asyncio.Event()
-    monkeypatch.setattr(Controller, "_spawn_one", scripted_spawn(ready))
     STOPPED.clear()
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.progress=false"])
-    controller = Controller(cfg)
+    controller = Controller(cfg, fleet=scripted_fleet(ready))
     task = asyncio.create_task(controller.run())
     await asyncio.wait_for(ready.wait(), 30)
     await asyncio.sleep(0.05)
@@ -53,16 +58,14 @@ async def test_cancelled_during_startup_stops_the_workers_that_started(
     assert STOPPED == ["reward0"]  # it had started: stopped, not left running
 
 
-async def test_one_worker_failing_to_start_fails_the_start_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_one_worker_failing_to_start_fails_the_start_at_once(tmp_path: Path) -> None:
     ready = asyncio.Event()
-    monkeypatch.setattr(Controller, "_spawn_one", scripted_spawn(ready, fail=True))
     STOPPED.clear()
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.progress=false"])
+    controller = Controller(cfg, fleet=scripted_fleet(ready, fail=True))
     with pytest.raises(WorkerError, match="actor0: exited with code 1"):
         # the rollout worker never finishes starting: without failing fast this would wait
-        await asyncio.wait_for(Controller(cfg).run(), 30)
+        await asyncio.wait_for(controller.run(), 30)
     assert STOPPED == ["reward0"]
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from asyncflow.config import load_config
 from asyncflow.controller.controller import Controller
+from asyncflow.controller.records import summarize
 
 
 def record(step: int, samples: int, time_s: float) -> dict[str, object]:
@@ -34,7 +35,7 @@ def test_redone_steps_count_once_as_last_trained(tmp_path: Path) -> None:
         {"event": "eval", "step": 5, "eval_accuracy": 0.5},
     ]
     (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = Controller(cfg)._summarize()
+    out = summarize(cfg.run_dir)
     assert out["steps"] == 5
     # steps 0-1 from the first run (1 s each), 2-4 as redone (0.5 s each)
     assert out["train_time_s"] == pytest.approx(3.5)
@@ -48,7 +49,7 @@ def test_first_and_last_reward_are_means_over_a_tenth_of_the_steps(tmp_path: Pat
     cfg.run_dir.mkdir(parents=True)
     lines = [{**record(s, 64, 1.0), "reward_mean": float(s)} for s in range(20)]
     (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = Controller(cfg)._summarize()
+    out = summarize(cfg.run_dir)
     assert out["reward_window_steps"] == 2
     assert (out["reward_first"], out["reward_last"]) == (0.5, 18.5)
 
@@ -79,7 +80,7 @@ def test_a_committed_step_without_a_record_is_recovered_from_its_checkpoint(
     with path.open("a") as f:
         f.write("".join(json.dumps(x) + "\n" for x in more))
     assert recorded_steps(path) == {0, 1, 2, 3}
-    out = Controller(cfg)._summarize()
+    out = summarize(cfg.run_dir)
     assert out["steps"] == 4
     assert out["samples_per_s"] == pytest.approx(3 * 64 / 2.5)  # the recovered step untimed
 
@@ -99,7 +100,7 @@ async def test_resuming_a_finished_run_starts_nothing_and_says_so(
         (cfg.run_dir / "summary.json").write_text(json.dumps({"steps": 3, "mine": True}))
     controller = Controller(cfg, resume=True)
     out = await controller.run()
-    assert out == ({"steps": 3, "mine": True} if with_summary else controller._summarize())
+    assert out == ({"steps": 3, "mine": True} if with_summary else summarize(cfg.run_dir))
     assert out["steps"] == 3
     assert controller.workers == {}  # no worker was started
     assert (cfg.run_dir / "metrics.jsonl").read_text() == metrics
@@ -127,7 +128,7 @@ def test_a_fresh_run_sets_an_earlier_run_of_the_same_name_aside(
 ) -> None:
     """Mixing two runs' checkpoints in one folder made pruning delete the new run's and
     --resume load the old run's; the earlier run is now moved aside whole."""
-    from asyncflow.controller.controller import set_aside_earlier_run
+    from asyncflow.controller.checkpoints import set_aside_earlier_run
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()

@@ -9,14 +9,24 @@ with every replacement and then lets all of them resume.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from asyncflow.config import load_config
+from asyncflow.controller.checkpoints import Checkpoints
+from asyncflow.controller.fleet import Fleet
+from asyncflow.controller.loader import PromptLoader
 from asyncflow.controller.pool import WorkerError
+from asyncflow.controller.retry import Retry
+from asyncflow.controller.stages import Admission
 from asyncflow.controller.supervisor import Supervisor
+from asyncflow.controller.sync import Versions, WeightSync
+from asyncflow.transfer.index import SampleIndex
+
+CFG = load_config(None, [])
 
 
 class FakeProc:
@@ -58,8 +68,21 @@ class FakeWorker:
         self.check()
         return {"policy_version": 0}
 
+    async def call(self, path: str, body: Any = None, *, timeout: float = 600.0) -> dict[str, Any]:
+        self.check()
+        return ANSWERS[path.removeprefix("/v1/work/")]
+
     async def stop(self) -> None:
         return None
+
+
+#: what a worker answers to each op these tests make (the fields its answer model requires)
+ANSWERS: dict[str, dict[str, Any]] = {
+    "sync_init": {"ok": True},
+    "sync_send": {"version": 0, "metrics": {"seconds": 0.0, "bytes": 0}},
+    "sync_recv": {"metrics": {"version": 0, "recv_s": 0.0, "total_s": 0.0, "reload": ""}},
+    "load": {"ok": True, "version": 0},
+}
 
 
 class Log:
@@ -73,50 +96,65 @@ class Log:
         return 0.0
 
 
+class FakeIndex:
+    def mark_unit_lost(self, unit: str) -> dict[str, list[int]]:
+        return {}
+
+
+class DelayedFleet(Fleet):
+    """The fleet, with each slot's replacement (a new FakeWorker) spawned after a delay."""
+
+    def __init__(self, workers: dict[str, list[Any]], delays: dict[str, float]) -> None:
+        super().__init__(CFG, workers)
+        self.delays = delays
+
+    async def respawn(self, role: str, i: int, generation: int) -> Any:
+        await asyncio.sleep(self.delays[f"{role}{i}"])
+        return FakeWorker(role, i, generation)
+
+
+class RecordingSync(WeightSync):
+    """The weight sync, with a scripted group: a dead member refuses the rendezvous (the group
+    fails); records the units of every group formed. ``before`` runs once, before the first."""
+
+    def __init__(self, fleet: Fleet, log: Log, groups: list[list[str]]) -> None:
+        super().__init__(CFG, fleet, Versions(), log, Retry(log, 32))
+        self.groups = groups
+        self.before: Callable[[], Awaitable[None]] | None = None
+
+    async def init_group(self) -> None:
+        if self.before is not None:
+            before, self.before = self.before, None
+            await before()
+        members = [self.fleet.workers["actor"][0], *self.fleet.workers["rollout"]]
+        for w in members:  # a dead member refuses the rendezvous: the group fails
+            w.check()
+        self.groups.append([w.unit for w in members])
+
+
 def _setup(
     rollouts: int, spawn_delay: dict[str, float]
-) -> tuple[SimpleNamespace, Supervisor, list[list[str]]]:
+) -> tuple[DelayedFleet, Log, RecordingSync, Supervisor, list[list[str]]]:
     workers: dict[str, list[Any]] = {
         "actor": [FakeWorker("actor", 0)],
         "rollout": [FakeWorker("rollout", i) for i in range(rollouts)],
     }
     groups: list[list[str]] = []  # the units of every sync group formed
-
-    async def call(worker: FakeWorker, op: str, params: Any = None) -> dict[str, Any]:
-        worker.check()
-        return {}
-
-    p = SimpleNamespace(
-        workers=workers,
-        ready={},
-        index=SimpleNamespace(mark_unit_lost=lambda unit: {}),
-        log=Log(),
-        units={},
-        sync_lock=asyncio.Lock(),
-        call=call,
-        version=0,
-        trained_version=0,
-    )
-
-    async def spawn(role: str, i: int, generation: int) -> FakeWorker:
-        await asyncio.sleep(spawn_delay[f"{role}{i}"])
-        return FakeWorker(role, i, generation)
-
-    async def init_sync() -> None:
-        members = [workers["actor"][0], *workers["rollout"]]
-        for w in members:  # a dead member refuses the rendezvous: the group fails
-            w.check()
-        groups.append([w.unit for w in members])
-
-    sup = Supervisor(p, spawn, init_sync, Path("/nonexistent"), 0.02, 5.0)  # type: ignore[arg-type]
-    return p, sup, groups
+    log = Log()
+    fleet = DelayedFleet(workers, spawn_delay)
+    sync = RecordingSync(fleet, log, groups)
+    versions = Versions()  # nothing trained yet: a replaced actor keeps its initial weights
+    index = SampleIndex()
+    admission = Admission(CFG, index, PromptLoader(1, 0), versions)
+    checkpoints = Checkpoints(Path("/nonexistent"), 2, fleet, log, versions, admission, index)
+    sup = Supervisor(fleet, FakeIndex(), log, checkpoints, sync, 0.02, 5.0)
+    return fleet, log, sync, sup, groups
 
 
-async def _until_replaced(p: SimpleNamespace, sup: Supervisor, names: list[str]) -> None:
+async def _until_replaced(fleet: Fleet, sup: Supervisor, names: list[str]) -> None:
     def back(n: str) -> bool:
-        event = p.ready.get(n)
-        new = [w for ws in p.workers.values() for w in ws if w.name == n and w.unit != n]
-        return event is not None and event.is_set() and bool(new) and new[0].alive
+        new = [w for ws in fleet.workers.values() for w in ws if w.name == n and w.unit != n]
+        return fleet.is_ready(n) and bool(new) and new[0].alive
 
     async def all_back() -> None:
         while not all(back(n) for n in names):  # noqa: ASYNC110 - polls the fakes' state
@@ -130,7 +168,6 @@ async def _until_replaced(p: SimpleNamespace, sup: Supervisor, names: list[str])
         assert waiter.done(), "the workers were not replaced in time"
     finally:
         waiter.cancel()
-        await sup.close()
 
 
 @pytest.mark.parametrize(
@@ -144,55 +181,49 @@ async def _until_replaced(p: SimpleNamespace, sup: Supervisor, names: list[str])
 async def test_two_sync_workers_dying_at_once_are_both_replaced(
     dying: list[str], delays: dict[str, float]
 ) -> None:
-    p, sup, groups = _setup(2, delays)
-    sup.watch_all()
-    await asyncio.sleep(0)
-    for name in dying:
-        next(w for ws in p.workers.values() for w in ws if w.name == name).proc.kill()
-    await _until_replaced(p, sup, dying)
-    assert not [r for r in p.log.records if r.get("event") == "recovery_failed"]
+    fleet, log, _, sup, groups = _setup(2, delays)
+    async with sup.watching():
+        await asyncio.sleep(0)
+        for name in dying:
+            next(w for ws in fleet.workers.values() for w in ws if w.name == name).proc.kill()
+        await _until_replaced(fleet, sup, dying)
+    assert not [r for r in log.records if r.get("event") == "recovery_failed"]
     # the slots resume only with the group formed with every replacement
     assert groups, "the sync group was not formed anew"
     last = groups[-1]
     for name in dying:
         assert f"{name}.1" in last
     assert len(groups) == 1, f"the group was formed {len(groups)} times: {groups}"
-    pushed = [r for r in p.log.records if r.get("event") == "weights_pushed"]
+    pushed = [r for r in log.records if r.get("event") == "weights_pushed"]
     assert len(pushed) == 1
 
 
 async def test_slot_stays_paused_until_the_other_is_replaced() -> None:
-    p, sup, groups = _setup(2, {"rollout0": 0.01, "rollout1": 0.3})
-    sup.watch_all()
-    await asyncio.sleep(0)
-    p.workers["rollout"][0].proc.kill()
-    p.workers["rollout"][1].proc.kill()
-    await asyncio.sleep(0.15)  # rollout0 is back, rollout1 is not
-    assert p.workers["rollout"][0].unit == "rollout0.1"
-    assert not p.ready["rollout0"].is_set()  # it has no weights yet: its loops stay paused
-    assert not groups
-    await _until_replaced(p, sup, ["rollout0", "rollout1"])
+    fleet, _, _, sup, groups = _setup(2, {"rollout0": 0.01, "rollout1": 0.3})
+    async with sup.watching():
+        await asyncio.sleep(0)
+        fleet.workers["rollout"][0].proc.kill()
+        fleet.workers["rollout"][1].proc.kill()
+        await asyncio.sleep(0.15)  # rollout0 is back, rollout1 is not
+        assert fleet.workers["rollout"][0].unit == "rollout0.1"
+        assert not fleet.is_ready("rollout0")  # it has no weights yet: its loops stay paused
+        assert not groups
+        await _until_replaced(fleet, sup, ["rollout0", "rollout1"])
 
 
 async def test_a_death_during_the_regrouping_hands_it_over() -> None:
     """The replacement dies again before the group is formed: the next recovery forms it."""
-    p, sup, groups = _setup(1, {"rollout0": 0.01})
-    real_init = sup.init_sync
-    first = True
+    fleet, _, sync, sup, groups = _setup(1, {"rollout0": 0.01})
 
-    async def init_sync_killing_once() -> None:
-        nonlocal first
-        if first:  # the new rollout0 dies while the group forms
-            first = False
-            p.workers["rollout"][0].proc.kill()
-            await asyncio.sleep(0.05)
-        await real_init()
+    async def kill_the_new_rollout0() -> None:  # it dies while the group forms
+        fleet.workers["rollout"][0].proc.kill()
+        await asyncio.sleep(0.05)
 
-    sup.init_sync = init_sync_killing_once
-    sup.watch_all()
-    await asyncio.sleep(0)
-    p.workers["rollout"][0].proc.kill()
-    await asyncio.sleep(0.3)
-    await _until_replaced(p, sup, ["rollout0"])
-    assert p.workers["rollout"][0].unit == "rollout0.2"
+    sync.before = kill_the_new_rollout0
+    async with sup.watching():
+        await asyncio.sleep(0)
+        fleet.workers["rollout"][0].proc.kill()
+        await asyncio.sleep(0.3)
+        await _until_replaced(fleet, sup, ["rollout0"])
+    assert fleet.workers["rollout"][0].unit == "rollout0.2"
     assert groups[-1] == ["actor0", "rollout0.2"]
