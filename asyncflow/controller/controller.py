@@ -8,8 +8,10 @@ lifecycle of a run; each piece it wires has a module of its own:
 module           owns
 ===============  ===========================================================================
 ``fleet``        the worker processes: starting them, their slots, calls, stopping them
+``placement``    the cores and torch threads of the workers it spawns
 ``supervisor``   noticing a dead worker and replacing it (state restored, sync re-formed)
 ``stages``       admission (bounded staleness) and the stage loops
+``balance``      which worker of a role takes a stage's next batch (the least loaded)
 ``step``         the RL step, top to bottom, and the loop over the run's steps
 ``training``     one step of one trainer role over its ranks
 ``sync``         the weight sync to the rollout engines, and the policy versions
