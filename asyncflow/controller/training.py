@@ -72,7 +72,17 @@ class Training:
         trained (and committed), else given back, to be trained again."""
         for batch in attempt.batches:
             if trained:
-                self.index.ack(attempt.task.name, batch.rows, lease=batch.lease)
+                stale = self.index.ack(attempt.task.name, batch.rows, lease=batch.lease)
+                if stale:  # taken from this lease meanwhile: they will be handed out again
+                    self.log.metrics(
+                        {
+                            "event": "ack_refused",
+                            "task": attempt.task.name,
+                            "step": attempt.step,
+                            "rows": stale,
+                            "time_s": self.log.now(),
+                        }
+                    )
             else:
                 self.index.requeue(
                     attempt.task.name, batch.rows, only_leased=True, lease=batch.lease
